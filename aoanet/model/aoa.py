@@ -1,0 +1,218 @@
+"""AoANet (Huang et al., ICCV 2019) in Paddle, faithful to the authors' code (aoanet-reference.md §1, §4).
+
+Token 0 is BOS, EOS and padding; the vocabulary has V words (UNK last, index V), so the logits have V+1 classes.
+Features are encoded once per image; captions or samples of the same image share that encoding (``expand``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+from aoanet.model.layers import AoADecoderCore, Refiner, log_softmax, mask_to_bias, torch_linear
+from aoanet.model.options import ModelOptions
+
+
+class AoAModel(nn.Layer):
+    def __init__(self, vocab_size: int, options: ModelOptions | None = None):
+        super().__init__()
+        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an integer >= 1 (words including UNK), got {vocab_size!r}")
+        o = options or ModelOptions()
+        self.options = o
+        self.vocab_size = int(vocab_size)
+        self.unk_idx = self.vocab_size  # UNK is the last word
+        r, e = o.rnn_size, o.input_encoding_size
+        # Registration order follows the reference state dict (§1.6).
+        self.embed = nn.Sequential(
+            nn.Embedding(
+                self.vocab_size + 1, e, weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 1.0))
+            ),
+            nn.ReLU(),
+            nn.Dropout(o.drop_prob_lm),
+        )
+        self.att_embed = nn.Sequential(torch_linear(o.att_feat_size, r), nn.ReLU(), nn.Dropout(o.drop_prob_lm))
+        self.logit = torch_linear(r, self.vocab_size + 1)
+        self.ctx2att = torch_linear(r, 2 * r)
+        self.refiner = (
+            Refiner(r, o.num_heads, o.refine_layers, bool(o.refine_aoa), o.dropout_aoa, bool(o.use_ff))
+            if o.refine
+            else None
+        )
+        self.core = AoADecoderCore(e, r, o.num_heads, o.ctx_drop, o.drop_prob_lm, o.out_res)
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(self, att_feats, att_masks):
+        shape = list(att_feats.shape)
+        width = self.options.att_feat_size
+        if len(shape) != 3 or (shape[-1] > 0 and shape[-1] != width):
+            raise ValueError(f"att_feats must have shape [batch, regions, {width}] (att_feat_size), got {shape}")
+        if att_masks is not None:
+            mshape = list(att_masks.shape)
+            if len(mshape) != 2 or any(a > 0 and b > 0 and a != b for a, b in zip(mshape, shape[:2])):
+                raise ValueError(f"att_masks must have shape [batch, regions] = {shape[:2]}, got {mshape}")
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, att_feats, att_masks=None):
+        """Region features [B, N, F] and mask [B, N] -> (mean_feats [B, R], p_att_feats [B, N, 2R])."""
+        self._check_inputs(att_feats, att_masks)
+        if att_masks is not None:
+            att_masks = att_masks.astype(att_feats.dtype)
+        x = self.att_embed(att_feats)
+        if att_masks is not None:
+            # The reference packs valid rows only, so padded rows leave att_embed as exact zeros.
+            x = x * att_masks.unsqueeze(-1)
+        if self.refiner is not None:
+            x = self.refiner(x, mask_to_bias(att_masks))
+        if att_masks is None:
+            mean_feats = x.mean(axis=1)
+        else:
+            mean_feats = (x * att_masks.unsqueeze(-1)).sum(axis=1) / att_masks.sum(axis=1, keepdim=True)
+        return mean_feats, self.ctx2att(x)
+
+    # ------------------------------------------------------------------ decoder
+    def init_state(self, batch_size: int, dtype="float32"):
+        shape = [2, batch_size, self.options.rnn_size]
+        return paddle.zeros(shape, dtype=dtype), paddle.zeros(shape, dtype=dtype)
+
+    def step(self, it, state, mean_feats, p_att_feats, att_masks=None):
+        """One decoder step: tokens [B] and state (h, c), each [2, B, R] -> (logprobs [B, V+1], state)."""
+        xt = self.embed(it)
+        out, h, c = self.core(xt, mean_feats, p_att_feats, mask_to_bias(att_masks), state[0], state[1])
+        return log_softmax(self.logit(out)), (h, c)
+
+    @staticmethod
+    def expand(n: int, *tensors):
+        """Repeat each image's rows n times (image-major), after the encoder."""
+        if n == 1:
+            return tensors
+        return tuple(None if t is None else paddle.repeat_interleave(t, n, axis=0) for t in tensors)
+
+    def forward(self, att_feats, att_masks, seq, seq_per_img: int = 1, ss_prob: float = 0.0):
+        """Teacher forcing. seq [B*seq_per_img, T+1] with column 0 = BOS -> logprobs [B*seq_per_img, T, V+1].
+
+        ``ss_prob`` is the scheduled-sampling hook: for t >= 1 each row's input token is replaced, with that
+        probability, by a sample from the model's previous-step distribution. Like the reference, the loop stops
+        once every row's ground-truth input is 0; later positions get zero log-probs (they are masked anyway).
+        """
+        mean_feats, p_att_feats = self.encode(att_feats, att_masks)
+        mean_feats, p_att_feats, att_masks = self.expand(seq_per_img, mean_feats, p_att_feats, att_masks)
+        rows, steps = seq.shape[0], seq.shape[1] - 1
+        if mean_feats.shape[0] != rows:
+            raise ValueError(
+                f"seq has {rows} rows but the batch has {att_feats.shape[0]} images x seq_per_img={seq_per_img}"
+            )
+        state = self.init_state(rows, mean_feats.dtype)
+        outputs = []
+        for t in range(steps):
+            it = seq[:, t]
+            if t >= 1 and ss_prob > 0.0:
+                use_sample = paddle.rand([rows]) < ss_prob
+                if bool(use_sample.any()):
+                    sampled = paddle.multinomial(paddle.exp(outputs[-1].detach()), 1).squeeze(1)
+                    it = paddle.where(use_sample, sampled.astype(it.dtype), it)
+            if t >= 1 and not bool((seq[:, t] != 0).any()):
+                break
+            logprobs, state = self.step(it, state, mean_feats, p_att_feats, att_masks)
+            outputs.append(logprobs)
+        out = paddle.stack(outputs, axis=1)
+        if len(outputs) < steps:
+            pad = paddle.zeros([rows, steps - len(outputs), out.shape[2]], dtype=out.dtype)
+            out = paddle.concat([out, pad], axis=1)
+        return out
+
+    # ------------------------------------------------------------------ decoding
+    def sample(self, att_feats, att_masks=None, sample_n: int = 1, max_length: int = 20, temperature: float = 1.0):
+        """Multinomial sampling, batched, differentiable log-probs (used by SCST with dropout on).
+
+        Returns (seqs int64 [B*sample_n, max_length], logprobs [B*sample_n, max_length]) as Paddle tensors; tokens
+        after a row's first EOS are 0 (the log-probs there are masked by the loss).
+        """
+        mean_feats, p_att_feats = self.encode(att_feats, att_masks)
+        mean_feats, p_att_feats, att_masks = self.expand(sample_n, mean_feats, p_att_feats, att_masks)
+        rows = mean_feats.shape[0]
+        state = self.init_state(rows, mean_feats.dtype)
+        it = paddle.zeros([rows], dtype="int64")
+        unfinished = paddle.ones([rows], dtype="bool")
+        seqs, logps = [], []
+        for _ in range(max_length):
+            logprobs, state = self.step(it, state, mean_feats, p_att_feats, att_masks)
+            scaled = logprobs.detach() if temperature == 1.0 else logprobs.detach() / temperature
+            it = paddle.multinomial(paddle.exp(scaled), 1).squeeze(1)
+            logps.append(paddle.take_along_axis(logprobs, it.unsqueeze(1), axis=1).squeeze(1))
+            unfinished = paddle.logical_and(unfinished, it > 0)
+            it = it * unfinished.astype("int64")
+            seqs.append(it)
+            if not bool(unfinished.any()):
+                break
+        seqs = paddle.stack(seqs, axis=1)
+        logps = paddle.stack(logps, axis=1)
+        if seqs.shape[1] < max_length:
+            pad = max_length - seqs.shape[1]
+            seqs = paddle.concat([seqs, paddle.zeros([rows, pad], dtype="int64")], axis=1)
+            logps = paddle.concat([logps, paddle.zeros([rows, pad], dtype=logps.dtype)], axis=1)
+        return seqs, logps
+
+    @paddle.no_grad()
+    def decode(
+        self,
+        att_feats,
+        att_masks=None,
+        beam_size: int = 1,
+        max_length: int = 20,
+        greedy_unk: bool = True,
+        **options,
+    ) -> runtime.beam.DecodeResult:  # noqa: F821
+        """Greedy (beam_size=1 with ``greedy_unk``) or beam search through the shared numpy search (runtime.beam).
+
+        The search semantics are the authors' (§4.2); the same code drives the onnxruntime backend, so both give
+        the same captions. ``options``: length_penalty, block_trigrams, bad_ending_ids, early_stop.
+        """
+        from runtime.beam import beam_search, greedy
+
+        mean_feats, p_att_feats = self.encode(att_feats, att_masks)
+        batch = mean_feats.shape[0]
+        if att_masks is None:
+            att_masks = paddle.ones(p_att_feats.shape[:2], dtype=p_att_feats.dtype)
+        k = 1 if (beam_size == 1 and greedy_unk) else beam_size
+        mean_feats, p_att_feats, att_masks = self.expand(k, mean_feats, p_att_feats, att_masks)
+        h, c = self.init_state(batch * k, mean_feats.dtype)
+        ctx = {"h": h, "c": c, "mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks}
+
+        def step(it, ctx):
+            logprobs, (h, c) = self.step(
+                paddle.to_tensor(it, dtype="int64"), (ctx["h"], ctx["c"]),
+                ctx["mean_feats"], ctx["p_att_feats"], ctx["att_masks"],
+            )
+            return logprobs.numpy(), dict(ctx, h=h, c=c)
+
+        def reorder(ctx, index):
+            index = paddle.to_tensor(index, dtype="int64")
+            return dict(ctx, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1))
+
+        def keep(ctx, index):
+            index = paddle.to_tensor(index, dtype="int64")
+            out = {name: paddle.gather(ctx[name], index, axis=0) for name in ("mean_feats", "p_att_feats", "att_masks")}
+            return dict(out, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1))
+
+        if k == 1 and greedy_unk:
+            return greedy(step, ctx, batch, max_length=max_length, keep=keep, **options)
+        return beam_search(step, reorder, keep, ctx, batch, beam_size, max_length=max_length, unk_idx=self.unk_idx,
+                           **options)
+
+    def generate(self, att_feats, att_masks=None, beam_size: int = 1, max_length: int = 20, sample: bool = False,
+                 temperature: float = 1.0, sample_n: int = 1, **options):
+        """(seqs [B', max_length] int64, logprobs [B', max_length]) as Paddle tensors.
+
+        sample=True: multinomial sampling (B' = B*sample_n); otherwise greedy (beam_size=1) or beam search.
+        """
+        if sample:
+            return self.sample(att_feats, att_masks, sample_n=sample_n, max_length=max_length, temperature=temperature)
+        result = self.decode(att_feats, att_masks, beam_size=beam_size, max_length=max_length, **options)
+        return paddle.to_tensor(result.seqs), paddle.to_tensor(result.logprobs)
+
+
+def build_model(vocab_size: int, **options) -> AoAModel:
+    """AoAModel with the reference option names; unspecified options take the authors' recipe (§1.7)."""
+    return AoAModel(vocab_size, ModelOptions.from_dict(options))
