@@ -1,0 +1,135 @@
+"""Checkpoint directories: everything needed to rebuild the model, resume training, or export.
+
+Layout of a checkpoint directory (every file written atomically: temporary file, fsync, rename)::
+
+    model.json          format tag, vocab_size, model options, ix_to_word   (enough to rebuild the model)
+    model.pdparams      weights of the last iteration saved
+    model-best.pdparams weights with the best validation score so far
+    optimizer.pdopt     optimizer state of the last save
+    config.yml          the resolved training config
+    state.json          training state: epoch, iteration, loader position, RNG states, best score, history
+    metrics.jsonl       one JSON line per logged event (train losses, validation scores)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import paddle
+
+from aoanet.model import AoAModel, ModelOptions
+
+FORMAT = "aoanet-checkpoint/1"
+WEIGHTS = {"last": "model.pdparams", "best": "model-best.pdparams"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_paddle_save(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    paddle.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_model_json(directory: Path, model: AoAModel, ix_to_word: dict) -> None:
+    meta = {
+        "format": FORMAT,
+        "vocab_size": model.vocab_size,
+        "options": model.options.to_dict(),
+        "ix_to_word": {str(k): v for k, v in ix_to_word.items()},
+    }
+    atomic_write_text(Path(directory) / "model.json", json.dumps(meta, indent=1))
+
+
+def read_model_json(directory: Path) -> dict:
+    path = Path(directory) / "model.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint directory: {path.name} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
+    for key in ("vocab_size", "options", "ix_to_word"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: field {key!r} is missing")
+    if len(meta["ix_to_word"]) != meta["vocab_size"]:
+        raise CheckpointError(
+            f"{path}: ix_to_word has {len(meta['ix_to_word'])} words but vocab_size is {meta['vocab_size']}"
+        )
+    return meta
+
+
+def load_state_dict_checked(model: AoAModel, state: dict, source: str) -> None:
+    """Load weights, with an error listing missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in state and list(state[k].shape) != list(own[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected: {', '.join(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped: {'; '.join(misshaped)}")
+        raise CheckpointError(f"{source} does not match the model: " + " | ".join(parts))
+    model.set_state_dict(state)
+
+
+def load_model(directory, which: str = "best") -> tuple[AoAModel, dict]:
+    """Rebuild the model of a checkpoint directory in eval mode -> (model, ix_to_word).
+
+    ``which`` is 'best' (model-best.pdparams, falling back to the last weights when no validation ran) or 'last'.
+    """
+    directory = Path(directory)
+    meta = read_model_json(directory)
+    if which not in WEIGHTS:
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    path = directory / WEIGHTS[which]
+    if which == "best" and not path.is_file():
+        path = directory / WEIGHTS["last"]
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no weights file ({WEIGHTS[which]})")
+    try:
+        state = paddle.load(str(path))
+    except Exception as e:  # paddle raises assorted errors on truncated or foreign files
+        raise CheckpointError(f"{path} could not be read as Paddle weights ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    model = AoAModel(int(meta["vocab_size"]), ModelOptions.from_dict(meta["options"]))
+    load_state_dict_checked(model, state, str(path))
+    model.eval()
+    return model, meta["ix_to_word"]

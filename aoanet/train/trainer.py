@@ -1,0 +1,377 @@
+"""The training loop shared by both stages: cross-entropy (XE) and self-critical sequence training (SCST).
+
+What a run guarantees:
+- checkpoints are written atomically (``aoanet.train.checkpoint``): ``model`` (last) and ``model-best`` (val CIDEr);
+- ``resume=True`` continues exactly: weights, optimizer, loader position and RNG states are restored, so a run
+  killed and resumed ends with the same weights as one that was not;
+- a non-finite loss stops the run naming the iteration; the last good checkpoint is kept;
+- progress bar with loss, rate and ETA; metrics appended to ``metrics.jsonl``; VisualDL scalars when installed;
+  ``curves.png`` (training loss and validation scores) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from aoanet.config import Config, dump_config
+from aoanet.model import AoAModel
+from aoanet.train import checkpoint as ckpt
+from aoanet.train.losses import language_model_loss, reward_loss
+
+STATE_FORMAT = "aoanet-train-state/1"
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def set_threads(num_threads: int) -> None:
+    n = num_threads or os.cpu_count() or 1
+    try:
+        paddle.base.core.set_num_threads(n)
+    except AttributeError:  # older Paddle
+        pass
+
+
+def rng_state() -> dict:
+    return {
+        "paddle": [list(s.__getstate__()) for s in paddle.get_rng_state()],
+        "numpy": _np_state_to_json(np.random.get_state()),
+        "python": _py_state_to_json(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    cls = type(paddle.get_rng_state()[0])
+    restored = []
+    for s in state["paddle"]:
+        g = cls.__new__(cls)
+        g.__setstate__(tuple(s))
+        restored.append(g)
+    paddle.set_rng_state(restored)
+    np.random.set_state(_np_state_from_json(state["numpy"]))
+    random.setstate(_py_state_from_json(state["python"]))
+
+
+def _np_state_to_json(s):
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _np_state_from_json(s):
+    return (s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4])
+
+
+def _py_state_to_json(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_json(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+class Trainer:
+    """One training run of a stage ('xe' or 'scst') with a validated config."""
+
+    def __init__(self, cfg: Config, stage: str, resume: bool = False, start_from: str | None = None,
+                 progress: bool = True):
+        from aoanet.data.loader import CaptionData
+
+        if stage not in ("xe", "scst"):
+            raise ValueError(f"stage must be 'xe' or 'scst', got {stage!r}")
+        self.cfg, self.stage, self.progress = cfg, stage, progress
+        self.dir = Path(cfg.train.checkpoint_path)
+        set_threads(cfg.train.num_threads)
+        paddle.set_device("cpu") if not paddle.is_compiled_with_cuda() else None
+        paddle.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed % (2**32))
+        random.seed(cfg.train.seed)
+
+        d = cfg.data
+        self.data = CaptionData(d.input_json, d.input_label_h5, d.input_att_dir,
+                                att_feat_size=self.model_width(cfg), seq_per_img=d.seq_per_img)
+        self.model = AoAModel(self.data.vocab_size, cfg.model_options())
+        clip = (paddle.nn.ClipGradByValue(cfg.train.grad_clip) if cfg.train.grad_clip_mode == "value"
+                else paddle.nn.ClipGradByGlobalNorm(cfg.train.grad_clip))
+        self.optimizer = paddle.optimizer.Adam(
+            learning_rate=cfg.train.learning_rate, beta1=cfg.train.optim_alpha, beta2=cfg.train.optim_beta,
+            epsilon=cfg.train.optim_epsilon, parameters=self.model.parameters(), grad_clip=clip,
+            weight_decay=cfg.train.weight_decay or None,
+        )
+        self.state = {"format": STATE_FORMAT, "stage": stage, "epoch": 0, "iteration": 0, "loader": None,
+                      "best_score": None, "history": [], "lr": cfg.train.learning_rate,
+                      "plateau": {"best": None, "bad_epochs": 0}, "finished": False}
+        self.scorer = None
+        if resume:
+            self._resume()
+        elif start_from:
+            self._start_from(start_from)
+        self.references = None
+        self.writer = self._visualdl()
+
+    @staticmethod
+    def model_width(cfg: Config) -> int:
+        return int(cfg.model.get("att_feat_size", 2048))
+
+    # ----------------------------------------------------------------------------------- checkpoint I/O
+    def _resume(self):
+        path = self.dir / "state.json"
+        if not path.is_file():
+            raise ckpt.CheckpointError(f"cannot resume: {path} does not exist (no checkpoint saved yet)")
+        state = json.loads(path.read_text())
+        if state.get("format") != STATE_FORMAT or state.get("stage") != self.stage:
+            raise ckpt.CheckpointError(f"{path}: not a {self.stage} training state")
+        weights = paddle.load(str(self.dir / ckpt.WEIGHTS["last"]))
+        ckpt.load_state_dict_checked(self.model, weights, str(self.dir / ckpt.WEIGHTS["last"]))
+        self.optimizer.set_state_dict(paddle.load(str(self.dir / "optimizer.pdopt")))
+        self.optimizer.set_lr(state["lr"])
+        set_rng_state(state["rng"])
+        self.state = state
+
+    def _start_from(self, directory):
+        """SCST starts from the LAST XE checkpoint with its optimizer state (Adam moments), lr reset (§3.3)."""
+        src = Path(directory)
+        meta = ckpt.read_model_json(src)
+        if meta["vocab_size"] != self.data.vocab_size:
+            raise ckpt.CheckpointError(
+                f"{src}: vocabulary of {meta['vocab_size']} words, but the data has {self.data.vocab_size}")
+        weights = paddle.load(str(src / ckpt.WEIGHTS["last"]))
+        ckpt.load_state_dict_checked(self.model, weights, str(src / ckpt.WEIGHTS["last"]))
+        opt_path = src / "optimizer.pdopt"
+        if opt_path.is_file():
+            self.optimizer.set_state_dict(paddle.load(str(opt_path)))
+        self.optimizer.set_lr(self.cfg.train.learning_rate)
+
+    def save(self, best: bool):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_model_json(self.dir, self.model, self.data.vocab)
+        ckpt.atomic_write_text(self.dir / "config.yml", dump_config(self.cfg))
+        weights = self.model.state_dict()
+        ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["last"])
+        if best:
+            ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["best"])
+        ckpt.atomic_paddle_save(self.optimizer.state_dict(), self.dir / "optimizer.pdopt")
+        self.state["rng"] = rng_state()
+        self.state["lr"] = float(self.optimizer.get_lr())
+        # state.json last: it is what --resume trusts, and it only points at files already in place
+        ckpt.atomic_write_text(self.dir / "state.json", json.dumps(self.state))
+
+    # ----------------------------------------------------------------------------------- logging
+    def _visualdl(self):
+        try:
+            from visualdl import LogWriter
+        except ImportError:
+            return None
+        return LogWriter(logdir=str(self.dir / "visualdl"))
+
+    def log(self, event: dict):
+        event = {"stage": self.stage, "time": time.time(), **event}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+        if self.writer is not None:
+            for k, v in event.items():
+                if isinstance(v, (int, float)) and k not in ("iteration", "epoch", "time"):
+                    self.writer.add_scalar(tag=f"{event['event']}/{k}", step=event["iteration"], value=v)
+
+    # ----------------------------------------------------------------------------------- schedules
+    def epoch_schedule(self, epoch: int) -> tuple[float, float]:
+        """(learning rate, scheduled-sampling probability) at the start of an epoch (§3.2)."""
+        t = self.cfg.train
+        if self.stage == "scst":
+            return self.state["lr"], 0.0
+        lr = t.learning_rate
+        if t.learning_rate_decay_start >= 0 and epoch > t.learning_rate_decay_start:
+            frac = (epoch - t.learning_rate_decay_start) // t.learning_rate_decay_every
+            lr = t.learning_rate * t.learning_rate_decay_rate**frac
+        ss = 0.0
+        if t.scheduled_sampling_start >= 0 and epoch > t.scheduled_sampling_start:
+            frac = (epoch - t.scheduled_sampling_start) // t.scheduled_sampling_increase_every
+            ss = min(t.scheduled_sampling_increase_prob * frac, t.scheduled_sampling_max_prob)
+        return lr, ss
+
+    # ----------------------------------------------------------------------------------- steps
+    def _tensors(self, batch):
+        return (paddle.to_tensor(np.asarray(batch["att_feats"])), paddle.to_tensor(np.asarray(batch["att_masks"])))
+
+    def xe_step(self, batch, ss_prob: float) -> dict:
+        feats, masks = self._tensors(batch)
+        labels = paddle.to_tensor(np.asarray(batch["labels"], dtype="int64"))
+        label_masks = paddle.to_tensor(np.asarray(batch["masks"], dtype="float32"))
+        logprobs = self.model(feats, masks, labels, seq_per_img=self.cfg.data.seq_per_img, ss_prob=ss_prob)
+        loss = language_model_loss(logprobs, labels[:, 1:], label_masks[:, 1:], self.cfg.train.label_smoothing)
+        return {"loss": loss}
+
+    def scst_step(self, batch, _ss_prob: float) -> dict:
+        from aoanet.train.scst import self_critical_rewards
+
+        s = self.cfg.scst
+        feats, masks = self._tensors(batch)
+        greedy = None
+        if s.baseline == "greedy":
+            self.model.eval()
+            greedy = self.model.decode(feats, masks, beam_size=1, max_length=s.max_length).seqs
+            self.model.train()
+        seqs, logps = self.model.sample(feats, masks, sample_n=s.train_sample_n, max_length=s.max_length,
+                                        temperature=s.temperature)
+        t0 = time.perf_counter()
+        rewards, info = self_critical_rewards(self.scorer, seqs.numpy(), greedy, batch["gts"], s.train_sample_n,
+                                              s.baseline, s.cider_weight)
+        info["reward_seconds"] = time.perf_counter() - t0
+        loss = reward_loss(logps, seqs, rewards)
+        return {"loss": loss, **info}
+
+    # ----------------------------------------------------------------------------------- validation
+    def validate(self) -> dict:
+        from aoanet.evaluation import evaluate_predictions, load_references, predict
+
+        v = self.cfg.val
+        preds = predict(self.model, self.data, "val", beam_size=v.beam_size, max_length=v.max_length,
+                        batch_size=v.batch_size, num_images=v.val_images_use, progress=self.progress)
+        scores = {}
+        if v.language_eval:
+            if self.references is None:
+                self.references = load_references(self.cfg.data.references_json)
+            scores = evaluate_predictions(preds, self.references, spice=False)
+        return {"n_images": len(preds), **scores}
+
+    def _validate_and_save(self):
+        scores = self.validate()
+        it = self.state["iteration"]
+        self.log({"event": "val", "iteration": it, "epoch": self.state["epoch"], **scores})
+        score = scores.get("CIDEr")
+        best = self.state["best_score"] is None or (score is not None and score > self.state["best_score"])
+        if best and score is not None:
+            self.state["best_score"] = score
+        self.state["history"].append({"iteration": it, "epoch": self.state["epoch"], **scores})
+        if self.stage == "scst" and self.cfg.scst.reduce_on_plateau and score is not None:
+            self._plateau_step(score)
+        self.save(best=best)
+        return scores
+
+    def _plateau_step(self, score: float):
+        """ReduceLROnPlateau(mode=min, factor, patience, threshold=1e-4 rel) on -CIDEr, as in the reference."""
+        p = self.state["plateau"]
+        if p["best"] is None or -score < -p["best"] * (1 - 1e-4):
+            p["best"], p["bad_epochs"] = score, 0
+        else:
+            p["bad_epochs"] += 1
+        if p["bad_epochs"] > self.cfg.scst.reduce_on_plateau_patience:
+            new_lr = float(self.optimizer.get_lr()) * self.cfg.scst.reduce_on_plateau_factor
+            self.optimizer.set_lr(new_lr)
+            self.state["lr"] = new_lr
+            p["bad_epochs"] = 0
+
+    # ----------------------------------------------------------------------------------- the loop
+    def run(self, crash_at: int | None = None) -> dict:
+        """Train until max_epochs (or max_iters). ``crash_at`` simulates a kill at that iteration (tests)."""
+        from aoanet.data.loader import build_loader
+
+        if self.stage == "scst" and self.scorer is None:
+            from aoanet.metrics.cider import CiderD
+
+            self.scorer = CiderD.from_file(self.cfg.data.cached_tokens)
+        t, d = self.cfg.train, self.cfg.data
+        step_fn = self.xe_step if self.stage == "xe" else self.scst_step
+        loader = build_loader(self.data, split="train", batch_size=t.batch_size, shuffle=True, seed=t.seed,
+                              num_workers=d.num_workers, epoch=self.state["epoch"])
+        per_epoch = len(loader)
+        total = t.max_epochs * per_epoch if t.max_iters < 0 else min(t.max_iters, t.max_epochs * per_epoch)
+        bar = tqdm(total=total, initial=min(self.state["iteration"], total), desc=f"{self.stage}", unit="it",
+                   disable=not self.progress, dynamic_ncols=True)
+        self.model.train()
+        running = None
+        try:
+            while self.state["epoch"] < t.max_epochs and not self._done():
+                epoch = self.state["epoch"]
+                lr, ss_prob = self.epoch_schedule(epoch)
+                self.optimizer.set_lr(lr)
+                if self.state["loader"] is not None:
+                    loader.set_state_dict(self.state["loader"])
+                else:
+                    loader.set_epoch(epoch)
+                for batch in loader:
+                    self.state["iteration"] += 1
+                    it = self.state["iteration"]
+                    if crash_at is not None and it == crash_at:
+                        raise KeyboardInterrupt(f"simulated kill at iteration {it}")
+                    out = step_fn(batch, ss_prob)
+                    loss = out["loss"]
+                    value = float(loss)
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(
+                            f"{self.stage}: the loss became {value} at iteration {it} (epoch {epoch}); training "
+                            f"stopped, the last good checkpoint in {self.dir} is kept")
+                    loss.backward()
+                    self.optimizer.step()
+                    self.optimizer.clear_grad()
+                    self.state["loader"] = loader.state_dict()
+                    running = value if running is None else 0.9 * running + 0.1 * value
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running:.3f}", epoch=epoch, lr=f"{lr:.2e}")
+                    if it % t.losses_log_every == 0 or it == 1:
+                        extra = {k: float(v) for k, v in out.items() if k != "loss"}
+                        self.log({"event": "train", "iteration": it, "epoch": epoch, "loss": value, "lr": lr,
+                                  "ss_prob": ss_prob, **extra})
+                    if t.save_checkpoint_every > 0 and it % t.save_checkpoint_every == 0:
+                        self._validate_and_save()
+                    if self._done():
+                        break
+                else:
+                    self.state["epoch"] += 1
+                    self.state["loader"] = None
+                    if t.save_checkpoint_every <= 0:
+                        self._validate_and_save()
+                    continue
+                break
+            last_val = self.state["history"][-1]["iteration"] if self.state["history"] else None
+            if last_val != self.state["iteration"]:
+                self._validate_and_save()
+            self.state["finished"] = True
+            self.save(best=False)
+        finally:
+            bar.close()
+        self.plot_curves()
+        return self.state
+
+    def _done(self) -> bool:
+        return 0 < self.cfg.train.max_iters <= self.state["iteration"]
+
+    def plot_curves(self):
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        train = [e for e in events if e["event"] == "train" and e["stage"] == self.stage]
+        val = [e for e in events if e["event"] == "val" and e["stage"] == self.stage]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        axes[0].plot([e["iteration"] for e in train], [e["loss"] for e in train])
+        axes[0].set_title(f"{self.stage} training loss")
+        axes[0].set_xlabel("iteration")
+        for key in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
+            pts = [(e["iteration"], e[key]) for e in val if key in e]
+            if pts:
+                axes[1].plot(*zip(*pts), marker="o", label=key)
+        axes[1].set_title("validation")
+        axes[1].set_xlabel("iteration")
+        axes[1].legend()
+        fig.tight_layout()
+        tmp = self.dir / ".curves.png.tmp"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.dir / "curves.png")

@@ -1,0 +1,180 @@
+"""Static graph -> ONNX with paddle2onnx, then the contract's tensor names and symbolic dimensions.
+
+paddle2onnx names the graph's results ``fetch_name_<i>`` and its dynamic dimensions ``DynamicDimension.<k>``; the
+runtime relies on the names of docs/ARCHITECTURE.md ("ONNX export") instead, so both are rewritten here and the
+result is checked with ``onnx.checker``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.errors import ExportError
+from export.static import StaticFiles
+
+log = logging.getLogger(__name__)
+
+# The opsets this export is tested with (every op it needs exists unchanged in 13..17).
+MIN_OPSET, MAX_OPSET = 13, 17
+
+BATCH, REGIONS = "batch", "regions"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, int64
+    shape: tuple  # ints for fixed sizes, BATCH / REGIONS for the dynamic ones
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def contract(vocab_size: int, rnn_size: int, att_feat_size: int) -> dict[str, tuple[list, list]]:
+    """{graph: (inputs, outputs)} as TensorSpecs, in the order of the traced wrappers' arguments and results."""
+    r, f, b, n = rnn_size, att_feat_size, BATCH, REGIONS
+    masks = TensorSpec("att_masks", "float32", (b, n))
+    mean = TensorSpec("mean_feats", "float32", (b, r))
+    p_att = TensorSpec("p_att_feats", "float32", (b, n, 2 * r))
+    return {
+        "encoder": ([TensorSpec("att_feats", "float32", (b, n, f)), masks], [mean, p_att]),
+        "decoder": (
+            [
+                TensorSpec("it", "int64", (b,)),
+                TensorSpec("state_h", "float32", (2, b, r)),
+                TensorSpec("state_c", "float32", (2, b, r)),
+                mean,
+                p_att,
+                masks,
+            ],
+            [
+                TensorSpec("logprobs", "float32", (b, vocab_size + 1)),
+                TensorSpec("next_state_h", "float32", (2, b, r)),
+                TensorSpec("next_state_c", "float32", (2, b, r)),
+            ],
+        ),
+    }
+
+
+def check_opset(opset: int) -> int:
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET} (the tested range), got {opset!r}")
+    return opset
+
+
+def import_paddle2onnx():
+    try:
+        import paddle2onnx
+    except ImportError as e:
+        raise ExportError(
+            f"paddle2onnx is not installed ({e}); install the export extra: pip install -e '.[export]' "
+            "(paddle2onnx==2.1.0, onnx)"
+        ) from e
+    except ValueError as e:  # paddle2onnx 2.x refuses a Paddle older than 3.0 with a ValueError at import
+        raise ExportError(f"paddle2onnx cannot be used with the installed Paddle: {e}") from e
+    return paddle2onnx
+
+
+def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outputs: list) -> dict:
+    """Convert one static graph, rename its results, fix its symbolic dims, check and save it.
+
+    Returns a description of the graph's inputs and outputs as written (names, dtypes, shapes).
+    """
+    import onnx
+
+    check_opset(opset)
+    paddle2onnx = import_paddle2onnx()
+    try:
+        # save_file=None: get the bytes back. paddle2onnx logs and swallows its own errors, so a failure surfaces
+        # here as an unbound result; either way, the message points at the log above it.
+        data = paddle2onnx.export(
+            str(files.model_file),
+            str(files.params_file),
+            None,
+            opset_version=opset,
+            auto_upgrade_opset=False,
+            enable_onnx_checker=True,
+        )
+    except Exception as e:
+        raise ExportError(f"paddle2onnx could not convert {files.model_file.name} at opset {opset}: {e!r}") from e
+    if not data:
+        raise ExportError(f"paddle2onnx returned nothing for {files.model_file.name} (see its log above)")
+    model = onnx.load_from_string(data)
+    got = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx")
+    if got != opset:
+        raise ExportError(f"paddle2onnx wrote opset {got} for {files.model_file.name}, {opset} was asked for")
+
+    _check_inputs(model, inputs, files)
+    _rename_outputs(model, [o.name for o in outputs], files)
+    for spec, value in zip(inputs + outputs, list(model.graph.input) + list(model.graph.output)):
+        _set_shape(value, spec)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ExportError(f"{onnx_path.name} fails onnx.checker: {e}") from e
+    onnx_path.write_bytes(model.SerializeToString())
+    return {"inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]}
+
+
+def _dtype_name(value) -> str:
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+
+
+def _check_inputs(model, inputs: list, files: StaticFiles) -> None:
+    got = [(i.name, _dtype_name(i)) for i in model.graph.input]
+    want = [(s.name, s.dtype) for s in inputs]
+    if got != want:
+        raise ExportError(f"{files.model_file.name}: ONNX inputs are {got}, expected {want}")
+
+
+def _rename_outputs(model, names: list[str], files: StaticFiles) -> None:
+    """Give the graph outputs the contract names, keeping every producer and consumer consistent."""
+    import onnx
+
+    graph = model.graph
+    if len(graph.output) != len(names):
+        raise ExportError(
+            f"{files.model_file.name}: {len(graph.output)} ONNX outputs {[o.name for o in graph.output]}, "
+            f"expected {len(names)} ({names})"
+        )
+    taken = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    taken |= {name for node in graph.node for name in node.output}
+    produced = {name for node in graph.node for name in node.output}
+    graph_inputs = {v.name for v in graph.input}
+    old_names = [v.name for v in graph.output]
+    for value, new in zip(graph.output, names):
+        old = value.name
+        if old == new:
+            continue
+        if new in taken:
+            raise ExportError(f"{files.model_file.name}: cannot rename {old} to {new}, the name is already used")
+        if old in produced and old_names.count(old) == 1 and old not in graph_inputs:
+            for node in graph.node:
+                node.output[:] = [new if x == old else x for x in node.output]
+                node.input[:] = [new if x == old else x for x in node.input]
+            for info in graph.value_info:
+                if info.name == old:
+                    info.name = new
+        else:  # an input or initializer passed straight through: name a copy of it
+            graph.node.append(onnx.helper.make_node("Identity", [old], [new], name=f"rename_{new}"))
+        value.name = new
+        taken.add(new)
+
+
+def _set_shape(value, spec: TensorSpec) -> None:
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) != len(spec.shape):
+        raise ExportError(f"ONNX tensor {spec.name} has rank {len(dims)}, expected {list(spec.shape)}")
+    if _dtype_name(value) != spec.dtype:
+        raise ExportError(f"ONNX tensor {spec.name} is {_dtype_name(value)}, expected {spec.dtype}")
+    for dim, want in zip(dims, spec.shape):
+        if isinstance(want, str):
+            dim.dim_param = want  # clears dim_value (oneof)
+        elif dim.HasField("dim_value") and dim.dim_value != want:
+            raise ExportError(f"ONNX tensor {spec.name} has size {dim.dim_value} where {want} is expected")
+        else:
+            dim.dim_value = want

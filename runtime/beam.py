@@ -1,0 +1,305 @@
+"""Beam search and greedy decoding in numpy, over a backend-agnostic decoder ``step``.
+
+This is the one implementation used by both backends (Paddle ``generate`` and the onnxruntime captioner). It follows
+the authors' beam search (``models/CaptionModel.py:beam_search``/``beam_step``, see ``aoanet-reference.md`` §4.2),
+batched over images instead of looping over them:
+
+* rows are image-major: row ``b * K + k`` is beam ``k`` of image ``b``;
+* one BOS step (token 0); at t = 0 only beam 0 is expanded (all beams are identical);
+* before choosing, the UNK log-prob is lowered by 1000;
+* candidates are each live beam's top-K words; a candidate's score is the beam's running sum plus the word's
+  log-prob (EOS included); the K best are kept, ties resolved like the reference (candidate list built word rank
+  outer, beam inner, then stably sorted by descending score);
+* a beam whose newest token is EOS (0), or any beam at the last step, is copied to the image's finished list with
+  p = length_penalty(t + 1, sum); its running sum is then set to -1000 and it keeps competing, as in the reference;
+* the caption is the finished beam with the highest p (earliest finished first among equals).
+
+``early_stop`` ends an image's search as soon as no live beam can still produce a finished beam ranking first; the
+result is identical to running all ``max_length`` steps (see ``beam_search``).
+
+The ``step`` callable must return log-probabilities (every value <= 0): the early stop relies on running sums never
+increasing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DecodeResult", "beam_search", "greedy", "length_penalty_fn"]
+
+UNK_PENALTY = 1000.0
+# Running sum given to a beam once it is finished, so that it stops being continued in practice.
+FINISHED_SUM = -1000.0
+# block_trigrams: the reference adds ln(1/2) * alpha (alpha = 2, ln(1/2) written as -0.693) per earlier occurrence.
+TRIGRAM_PENALTY = -0.693 * 2.0
+
+Step = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+Gather = Callable[[Any, np.ndarray], Any]
+
+
+@dataclass
+class DecodeResult:
+    seqs: np.ndarray  # int64 [B, max_length]; caption ends at the first 0, zeros after
+    scores: np.ndarray  # float64 [B]; beam: final p (after length penalty); greedy: sum of log-probs incl. EOS
+    logprobs: np.ndarray  # float32 [B, max_length]; raw log-prob of each chosen token incl. EOS, 0 after it
+    # Only with beam_search(return_done=True): every finished beam of each image, best first (the reference's
+    # ``done_beams`` before it keeps the top K). Slots past done_counts[b] hold score -inf.
+    done_seqs: np.ndarray | None = None  # int64 [B, K * max_length, max_length]
+    done_scores: np.ndarray | None = None  # float64 [B, K * max_length]
+    done_counts: np.ndarray | None = None  # int64 [B]
+    n_steps: int = 0  # decoder steps run, BOS step included
+
+
+def length_penalty_fn(spec: str) -> Callable[[int, np.ndarray], np.ndarray] | None:
+    """The reference's ``penalty_builder``: '' -> None (raw sum), 'wu_α', 'avg_α' (α unused by 'avg').
+
+    ``length`` counts the tokens of the finished beam including its EOS (the reference passes t + 1).
+    """
+    if not spec:
+        return None
+    kind, _, alpha_text = spec.partition("_")
+    try:
+        alpha = float(alpha_text)
+    except ValueError:
+        raise ValueError(f"length_penalty must be '', 'wu_<alpha>' or 'avg_<alpha>', got {spec!r}") from None
+    if kind == "wu":
+        return lambda length, logprob_sum: logprob_sum / (((5 + length) ** alpha) / ((5 + 1) ** alpha))
+    if kind == "avg":
+        return lambda length, logprob_sum: logprob_sum / length
+    raise ValueError(f"length_penalty must be '', 'wu_<alpha>' or 'avg_<alpha>', got {spec!r}")
+
+
+def _topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k values and indices of each row of ``x`` [N, V], descending, ties broken by the lower index."""
+    n, v = x.shape
+    if k >= v:
+        idx = np.argsort(-x, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(x, idx, axis=1), idx
+    idx = np.argpartition(x, v - k, axis=1)[:, v - k:]
+    vals = np.take_along_axis(x, idx, axis=1)
+    # argpartition picks arbitrarily among values tied with the k-th largest: redo those (rare) rows exactly.
+    kth = vals.min(axis=1)
+    tied = np.count_nonzero(x >= kth[:, None], axis=1) > k
+    if tied.any():
+        rows = np.nonzero(tied)[0]
+        exact = np.argsort(-x[rows], axis=1, kind="stable")[:, :k]
+        idx[rows] = exact
+        vals[rows] = np.take_along_axis(x[rows], exact, axis=1)
+    order = np.lexsort((idx, -vals), axis=-1)
+    return np.take_along_axis(vals, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def _apply_constraints(
+    lp: np.ndarray, history: np.ndarray, t: int, block_trigrams: bool, bad_ids: np.ndarray | None
+) -> None:
+    """In place on ``lp`` [M, V+1]: the optional reference constraints, given the tokens ``history[:, :t]``."""
+    if bad_ids is not None and t > 0:
+        # No EOS right after a bad-ending word.
+        lp[np.isin(history[:, t - 1], bad_ids), 0] = -np.inf
+    if block_trigrams and t >= 3:
+        # Each earlier trigram (w_s, w_s+1, w_s+2) whose first two words equal the last two tokens penalises w_s+2.
+        last_two_match = (history[:, : t - 2] == history[:, t - 2 : t - 1]) & (
+            history[:, 1 : t - 1] == history[:, t - 1 : t]
+        )
+        rows, cols = np.nonzero(last_two_match)
+        if rows.size:
+            flat = rows * lp.shape[1] + history[rows, cols + 2]
+            uniq, counts = np.unique(flat, return_counts=True)
+            lp.reshape(-1)[uniq] += counts.astype(lp.dtype) * lp.dtype.type(TRIGRAM_PENALTY)
+
+
+def beam_search(
+    step: Step,
+    reorder: Gather,
+    keep: Gather | None,
+    ctx: Any,
+    batch_size: int,
+    beam_size: int,
+    max_length: int = 20,
+    unk_idx: int | None = None,
+    length_penalty: str = "",
+    block_trigrams: bool = False,
+    bad_ending_ids: np.ndarray | list[int] | None = None,
+    early_stop: bool = True,
+    suppress_unk: bool = True,
+    return_done: bool = False,
+) -> DecodeResult:
+    """Beam search over ``batch_size`` images with ``beam_size`` beams each (the authors' semantics, batched).
+
+    step(it int64 [M], ctx) -> (logprobs [M, V+1], ctx): one decoder step for the M current rows.
+    reorder(ctx, index int64 [M]) -> ctx: new row r <- old row index[r] (always inside the same image's block).
+    keep(ctx, index int64 [M']) -> ctx: keep only these rows (images whose search is complete are dropped);
+        may be None, then every row is stepped until the search ends.
+    ctx: the caller's state, already expanded to batch_size * beam_size rows (image-major).
+
+    unk_idx: the id whose log-prob is lowered by 1000 before choosing (default: the last index, V);
+        suppress_unk=False turns that off.
+    early_stop: stop an image as soon as its best finished beam can no longer be beaten: running sums never
+        increase, so once every live beam's sum (and the -1000 given to finished beams) is <= the best finished p,
+        nothing found later can rank first. Exact, hence only used without a length penalty. Complete images are
+        dropped via ``keep`` after the step in which they complete; the loop ends when all are complete.
+    block_trigrams, bad_ending_ids: the reference's ``_sample`` options (off by default), applied to every beam.
+    return_done: also return every finished beam (with early_stop only those found before the image stopped).
+    """
+    batch, k_beams, max_len = int(batch_size), int(beam_size), int(max_length)
+    if batch < 1 or k_beams < 1 or max_len < 1:
+        raise ValueError("batch_size, beam_size and max_length must be >= 1")
+    penalty = length_penalty_fn(length_penalty)
+    stop_early = bool(early_stop) and penalty is None
+    bad_ids = None if bad_ending_ids is None or len(bad_ending_ids) == 0 else np.asarray(bad_ending_ids, np.int64)
+
+    n_rows = batch * k_beams
+    logprobs, ctx = step(np.zeros(n_rows, dtype=np.int64), ctx)
+    n_steps = 1
+    vocab1 = np.shape(logprobs)[1]
+    if k_beams > vocab1:
+        raise ValueError(f"beam_size {k_beams} exceeds the vocabulary size {vocab1}")
+    unk = (vocab1 - 1 if unk_idx is None else int(unk_idx) % vocab1) if suppress_unk else None
+
+    active = np.arange(batch)  # original image index of each active image
+    seq = np.zeros((n_rows, max_len), dtype=np.int64)
+    seq_lp = np.zeros((n_rows, max_len), dtype=np.float32)
+    sums = np.zeros((batch, k_beams), dtype=np.float64)
+
+    # Finished beams, by original image; each step finishes at most K beams per image.
+    n_slots = k_beams * max_len
+    done_p = np.full((batch, n_slots), -np.inf)
+    done_seq = np.zeros((batch, n_slots, max_len), dtype=np.int64)
+    done_lp = np.zeros((batch, n_slots, max_len), dtype=np.float32)
+    done_n = np.zeros(batch, dtype=np.int64)
+    best_p = np.full(batch, -np.inf)
+    k_range = np.arange(k_beams)
+
+    for t in range(max_len):
+        n_img = active.size
+        raw = np.asarray(logprobs)
+        lp = raw.copy()
+        _apply_constraints(lp, seq, t, block_trigrams, bad_ids)
+        if unk is not None:  # after the constraints, in the reference's order
+            lp[:, unk] -= lp.dtype.type(UNK_PENALTY)
+
+        if t == 0:
+            ys, ix = _topk(lp[::k_beams], k_beams)  # beam 0 of each image: [n_img, K]
+            cand = sums[:, :1] + ys
+            words_by_flat = ix
+        else:
+            ys, ix = _topk(lp, k_beams)  # [n_img * K, K]: beam q's top words by rank c
+            # Flat candidate index c * K + q: the reference's list order (word rank outer, beam inner).
+            cand = (sums[:, :, None] + ys.reshape(n_img, k_beams, k_beams)).transpose(0, 2, 1).reshape(n_img, -1)
+            words_by_flat = ix.reshape(n_img, k_beams, k_beams).transpose(0, 2, 1).reshape(n_img, -1)
+        if ys.size and ys[:, 0].max() > 0:
+            stop_early = False  # not log-probabilities: the early-stop bound does not hold
+        pick = np.argsort(-cand, axis=1, kind="stable")[:, :k_beams]
+        parent = pick % k_beams if t > 0 else np.zeros_like(pick)
+        words = np.take_along_axis(words_by_flat, pick, axis=1).reshape(-1)
+        sums = np.take_along_axis(cand, pick, axis=1)
+
+        src = (np.arange(n_img)[:, None] * k_beams + parent).reshape(-1)
+        seq = seq[src]
+        seq_lp = seq_lp[src]
+        seq[:, t] = words
+        seq_lp[:, t] = raw[src, words]
+        if not np.array_equal(src, np.arange(src.size)):
+            ctx = reorder(ctx, src)
+
+        finished = np.ones((n_img, k_beams), bool) if t == max_len - 1 else (words == 0).reshape(n_img, k_beams)
+        if finished.any():
+            fb, fk = np.nonzero(finished)  # image-major, then beam index: the reference's insertion order
+            img = active[fb]
+            slot = done_n[img] + (np.cumsum(finished, axis=1) - 1)[fb, fk]
+            p = sums[fb, fk] if penalty is None else penalty(t + 1, sums[fb, fk])
+            rows = fb * k_beams + fk
+            fseq, flp = seq[rows], seq_lp[rows]
+            is_eos = fseq == 0
+            after_eos = (np.cumsum(is_eos, axis=1) - is_eos) > 0
+            fseq[after_eos] = 0
+            flp[after_eos] = 0.0
+            done_p[img, slot] = p
+            done_seq[img, slot] = fseq
+            done_lp[img, slot] = flp
+            done_n[active] += finished.sum(axis=1)
+            np.maximum.at(best_p, img, p)
+            sums[finished] = FINISHED_SUM
+        if t == max_len - 1:
+            break
+
+        if stop_early:
+            bound = np.maximum(sums.max(axis=1), FINISHED_SUM)
+            complete = best_p[active] >= bound
+            if complete.all():
+                break
+            if complete.any() and keep is not None:
+                live = np.nonzero(~complete)[0]
+                rows = (live[:, None] * k_beams + k_range).reshape(-1)
+                ctx = keep(ctx, rows)
+                active, sums, seq, seq_lp = active[live], sums[live], seq[rows], seq_lp[rows]
+
+        logprobs, ctx = step(np.ascontiguousarray(seq[:, t]), ctx)
+        n_steps += 1
+
+    order = np.argsort(-done_p, axis=1, kind="stable")
+    first = order[:, 0]
+    b_range = np.arange(batch)
+    result = DecodeResult(
+        seqs=done_seq[b_range, first],
+        scores=done_p[b_range, first],
+        logprobs=done_lp[b_range, first],
+        n_steps=n_steps,
+    )
+    if return_done:
+        result.done_seqs = np.take_along_axis(done_seq, order[:, :, None], axis=1)
+        result.done_scores = np.take_along_axis(done_p, order, axis=1)
+        result.done_counts = done_n
+    return result
+
+
+def greedy(
+    step: Step,
+    ctx: Any,
+    batch_size: int,
+    max_length: int = 20,
+    block_trigrams: bool = False,
+    bad_ending_ids: np.ndarray | list[int] | None = None,
+    keep: Gather | None = None,
+) -> DecodeResult:
+    """Greedy decoding (the reference's ``_sample`` with sample_method='greedy'): argmax each step, no UNK
+    suppression; a row is finished once it emits 0. With ``keep``, finished rows are dropped from ``ctx``;
+    otherwise they are fed 0 until every row is finished. Scores are the summed raw log-probs incl. EOS."""
+    batch, max_len = int(batch_size), int(max_length)
+    bad_ids = None if bad_ending_ids is None or len(bad_ending_ids) == 0 else np.asarray(bad_ending_ids, np.int64)
+    seqs = np.zeros((batch, max_len), dtype=np.int64)
+    seq_lp = np.zeros((batch, max_len), dtype=np.float32)
+    scores = np.zeros(batch, dtype=np.float64)
+
+    rows = np.arange(batch)  # original row of each row in ctx
+    alive = np.ones(batch, dtype=bool)
+    it = np.zeros(batch, dtype=np.int64)
+    n_steps = 0
+    for t in range(max_len):
+        logprobs, ctx = step(it, ctx)
+        n_steps += 1
+        raw = np.asarray(logprobs)
+        lp = raw
+        if block_trigrams or bad_ids is not None:
+            lp = raw.copy()
+            _apply_constraints(lp, seqs[rows], t, block_trigrams, bad_ids)
+        words = lp.argmax(axis=1)
+        chosen = raw[np.arange(words.size), words]
+        out = rows[alive]
+        seqs[out, t] = words[alive]
+        seq_lp[out, t] = chosen[alive]
+        scores[out] += chosen[alive]
+        alive &= words != 0
+        if not alive.any():
+            break
+        if keep is not None and not alive.all():
+            live = np.nonzero(alive)[0]
+            ctx = keep(ctx, live)
+            rows, words = rows[live], words[live]
+            alive = np.ones(live.size, dtype=bool)
+        it = np.where(alive, words, 0)
+    return DecodeResult(seqs=seqs, scores=scores, logprobs=seq_lp, n_steps=n_steps)
