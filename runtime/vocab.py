@@ -11,11 +11,28 @@ BAD_ENDING_WORDS = frozenset(
     ["with", "in", "on", "of", "a", "at", "to", "for", "an", "this", "his", "her", "that", "the"]
 )
 
-# Words after which the decoder may not emit EOS (``remove_bad_endings`` at decoding time). The reference uses a
-# different list here than in ``decode_sequence``; both are kept as they are.
+# Words after which the decoder may not emit EOS (``remove_bad_endings`` at decoding time). The
+# reference uses a different list here than in ``decode_sequence``; both are kept as they are.
 BAD_ENDING_DECODE_WORDS = frozenset(
-    ["a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near", "to",
-     "is", "are", "am"]
+    [
+        "a",
+        "an",
+        "the",
+        "in",
+        "for",
+        "at",
+        "of",
+        "with",
+        "before",
+        "after",
+        "on",
+        "upon",
+        "near",
+        "to",
+        "is",
+        "are",
+        "am",
+    ]
 )
 
 
@@ -34,7 +51,9 @@ def _strip_bad_endings(words: list[str]) -> list[str]:
 
 
 def decode_sequence(
-    ix_to_word: Mapping[str, str], seqs: Iterable[Iterable[int]] | np.ndarray, remove_bad_endings: bool = False
+    ix_to_word: Mapping[str, str],
+    seqs: Iterable[Iterable[int]] | np.ndarray,
+    remove_bad_endings: bool = False,
 ) -> list[str]:
     """One caption per row of ``seqs``: the words up to the first 0 (EOS/pad), joined by spaces.
 
@@ -52,4 +71,3 @@ def decode_sequence(
             words = _strip_bad_endings(words)
         out.append(" ".join(words).replace("@@ ", ""))
     return out
-

@@ -1,8 +1,9 @@
 """runtime.beam against an independent, per-image transcription of the authors' beam search.
 
-The reference below (``ref_beam_search``) follows ``models/CaptionModel.py:beam_search/beam_step`` of the authors'
-code one image at a time with Python lists of candidate dicts and always runs max_length steps; ``ref_greedy``
-follows ``AttModel._sample`` (greedy). The model is a tiny deterministic numpy RNN, so no Paddle is needed.
+The reference below (``ref_beam_search``) follows the authors' ``models/CaptionModel.py``
+beam_search/beam_step one image at a time, with Python lists of candidate dicts, and always runs
+max_length steps; ``ref_greedy`` follows ``AttModel._sample`` (greedy). The models are tiny
+deterministic numpy decoders, so no Paddle is needed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from runtime.beam import TRIGRAM_PENALTY, DecodeResult, _topk, beam_search, greedy, length_penalty_fn
 from runtime.vocab import bad_ending_ids, decode_sequence
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Toy decoders
 
 
@@ -32,12 +33,22 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ToyRNN:
-    """h' = tanh(h Wh + E[it] + f Wf); logprobs = log_softmax(scale * h Wo + bias + eos_slope * steps_done * [EOS]).
+    """h' = tanh(h Wh + E[it] + f Wf); logprobs = log_softmax(h Wo + bias + eos_slope * steps * [EOS]).
 
     Token 0 is BOS/EOS, the last index is UNK."""
 
-    def __init__(self, vocab1=17, hidden=12, feat=6, seed=0, scale=2.5, eos_bias=0.0, eos_slope=0.0, unk_bias=0.0,
-                 quantize=0.0):
+    def __init__(
+        self,
+        vocab1=17,
+        hidden=12,
+        feat=6,
+        seed=0,
+        scale=2.5,
+        eos_bias=0.0,
+        eos_slope=0.0,
+        unk_bias=0.0,
+        quantize=0.0,
+    ):
         rng = np.random.default_rng(seed)
         self.vocab1, self.hidden, self.feat = vocab1, hidden, feat
         self.emb = rng.normal(size=(vocab1, hidden))
@@ -101,10 +112,12 @@ def keep_dict(ctx: dict, index: np.ndarray) -> dict:
 
 
 def run_beam(model: ToyRNN, feats, beam_size, **kw) -> DecodeResult:
-    return beam_search(model.step, reorder_dict, keep_dict, model.init(feats, beam_size), len(feats), beam_size, **kw)
+    return beam_search(
+        model.step, reorder_dict, keep_dict, model.init(feats, beam_size), len(feats), beam_size, **kw
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Independent reference implementations
 
 
@@ -138,8 +151,16 @@ def _constrain(adj: np.ndarray, histories: list[list[int]], t: int, block_trigra
     return adj
 
 
-def ref_beam_search(model, feat, beam_size, max_length, length_penalty="", block_trigrams=False, bad_ids=None,
-                    suppress_unk=True):
+def ref_beam_search(
+    model,
+    feat,
+    beam_size,
+    max_length,
+    length_penalty="",
+    block_trigrams=False,
+    bad_ids=None,
+    suppress_unk=True,
+):
     """One image, the authors' beam_search/beam_step: returns all done beams sorted by p (best first)."""
     penalty = length_penalty_fn(length_penalty) or (lambda n, s: s)
     ctx = model.init(feat[None], beam_size)
@@ -158,8 +179,9 @@ def ref_beam_search(model, feat, beam_size, max_length, length_penalty="", block
         for c in range(beam_size):
             for q in range(rows):
                 word = ranked[q][c]
-                candidates.append({"c": word, "q": q, "p": beam_sum[q] + float(adj[q, word]),
-                                   "r": float(logprobs[q, word])})
+                candidates.append(
+                    {"c": word, "q": q, "p": beam_sum[q] + float(adj[q, word]), "r": float(logprobs[q, word])}
+                )
         candidates = sorted(candidates, key=lambda x: -x["p"])
         new_seq, new_lps, parents = [], [], []
         for vix in range(beam_size):
@@ -211,12 +233,13 @@ def assert_matches_reference(res: DecodeResult, refs: list[list[dict]]):
 
 MODELS = {
     "smooth": dict(seed=0, eos_bias=0.5),
-    "peaky": dict(seed=3, scale=2.0, eos_bias=-5.0, eos_slope=1.5),  # EOS likelier with length, like a captioner
+    # EOS likelier with length, like a captioner: images finish at different steps (early stop matters).
+    "peaky": dict(seed=3, scale=2.0, eos_bias=-5.0, eos_slope=1.5),
     "tied": dict(seed=5, scale=1.5, quantize=0.5),  # many exactly equal log-probs
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Beam search == the reference
 
 
@@ -285,7 +308,7 @@ def test_all_finished_beams_match_and_caption_is_the_best():
         np.testing.assert_array_equal(res.seqs[b], res.done_seqs[b, 0])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Greedy, UNK
 
 
@@ -340,7 +363,9 @@ def test_beam_never_emits_unk_even_when_the_model_loves_it(beam_size):
     # suppress_unk=False: UNK is allowed again.
     free = run_beam(model, feats, beam_size, max_length=12, suppress_unk=False)
     assert np.any(free.seqs == unk)
-    assert_matches_reference(free, [ref_beam_search(model, f, beam_size, 12, suppress_unk=False) for f in feats])
+    assert_matches_reference(
+        free, [ref_beam_search(model, f, beam_size, 12, suppress_unk=False) for f in feats]
+    )
 
 
 def test_unk_idx_selects_the_suppressed_word():
@@ -352,7 +377,7 @@ def test_unk_idx_selects_the_suppressed_word():
     assert not np.any(other.seqs == favourite)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Batching, early stop, keep
 
 
@@ -381,7 +406,9 @@ def test_early_stop_drops_complete_images_via_keep_and_changes_nothing():
         m = ctx["h"].shape[0]
         assert index.dtype == np.int64 and len(index) < m and len(index) % beam_size == 0
         blocks = index.reshape(-1, beam_size)
-        assert np.all(blocks == blocks[:, :1] + np.arange(beam_size)) and np.all(blocks[:, 0] % beam_size == 0)
+        assert np.all(blocks == blocks[:, :1] + np.arange(beam_size)) and np.all(
+            blocks[:, 0] % beam_size == 0
+        )
         kept.append((m, len(index)))
         return keep_dict(ctx, index)
 
@@ -392,14 +419,24 @@ def test_early_stop_drops_complete_images_via_keep_and_changes_nothing():
         return reorder_dict(ctx, index)
 
     model.calls.clear()
-    fast = beam_search(model.step, reorder, keep, model.init(feats, beam_size), n_img, beam_size,
-                       max_length=max_length)
+    fast = beam_search(
+        model.step, reorder, keep, model.init(feats, beam_size), n_img, beam_size, max_length=max_length
+    )
     fast_calls = list(model.calls)
     model.calls.clear()
-    full = beam_search(model.step, reorder, keep, model.init(feats, beam_size), n_img, beam_size,
-                       max_length=max_length, early_stop=False)
-    no_keep = beam_search(model.step, reorder, None, model.init(feats, beam_size), n_img, beam_size,
-                          max_length=max_length)
+    full = beam_search(
+        model.step,
+        reorder,
+        keep,
+        model.init(feats, beam_size),
+        n_img,
+        beam_size,
+        max_length=max_length,
+        early_stop=False,
+    )
+    no_keep = beam_search(
+        model.step, reorder, None, model.init(feats, beam_size), n_img, beam_size, max_length=max_length
+    )
 
     assert kept, "keep was never called"
     assert all(m > n for m, n in kept) and reorders
@@ -419,8 +456,8 @@ def test_no_early_stop_with_a_length_penalty():
     assert res.n_steps == 12
 
 
-def test_early_stop_tolerates_reset_sums_below_best():
-    """A model so sure of EOS that every image finishes at t=0: one decoder step only, same caption."""
+def test_early_stop_at_the_first_step():
+    """A model so sure of EOS that every image is complete at t=0: one decoder step only, same caption."""
     model = ToyRNN(**{**MODELS["smooth"], "eos_bias": 40.0})
     feats = model.images(3)
     res = run_beam(model, feats, 2, max_length=8)
@@ -428,46 +465,83 @@ def test_early_stop_tolerates_reset_sums_below_best():
     assert_matches_reference(res, [ref_beam_search(model, f, 2, 8) for f in feats])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def test_early_stop_is_exact_when_scores_fall_below_minus_1000():
+    """Sums below -1000 (the model forces UNK): a finished beam's sum is *raised* to -1000, so its
+    continuation can still beat a best p < -1000. The stop bound must include -1000: here the best
+    caption is found late."""
+    table = np.array(
+        [
+            [-1200, -1200, -1500, -5, -100],
+            [-1500, -1500, -1500, -900, -100],
+            [-900, -900, -600, -600, 0],
+            [-1500, -600, -1200, -1500, -100],
+            [-5, -1500, -5, -900, 0],
+        ]
+    )
+    model = Markov(table)
+    ref = ref_beam_search(model, np.zeros(1), 3, 6)
+    for early_stop in (True, False):
+        res = beam_search(
+            model.step, keep_dict, keep_dict, model.init(3), 1, 3, max_length=6, early_stop=early_stop
+        )
+        assert_matches_reference(res, [ref])
+    assert ref[0]["p"] == -1005.0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Constraints
 
 
-def _has_repeated_trigram(seq) -> bool:
+def _trigram_stats(seq) -> tuple[int, int]:
+    """(number of trigrams, number of distinct trigrams) of a caption."""
     words = []
     for w in seq:
         if w == 0:
             break
         words.append(int(w))
     trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return len(trigrams) != len(set(trigrams))
+    return len(trigrams), len(set(trigrams))
 
 
 # 1 -> 2 -> 3 -> 1 ... is the favourite loop; 4 and 5 are the runners-up that blocking should let through.
-LOOP = Markov.build(8, {0: [(1, 3.0)], 1: [(2, 3.0), (4, 2.0)], 2: [(3, 3.0), (5, 2.0)], 3: [(1, 3.0), (6, 2.0)],
-                        4: [(3, 3.0)], 5: [(1, 3.0)], 6: [(2, 3.0)], 7: [(0, 1.0)]})
-
-
-def _repeats(seqs) -> int:
-    return sum(_has_repeated_trigram(s) for s in seqs)
+LOOP = Markov.build(
+    8,
+    {
+        0: [(1, 3.0)],
+        1: [(2, 3.0), (4, 2.0)],
+        2: [(3, 3.0), (5, 2.0)],
+        3: [(1, 3.0), (6, 2.0)],
+        4: [(3, 3.0)],
+        5: [(1, 3.0)],
+        6: [(2, 3.0)],
+        7: [(0, 1.0)],
+    },
+)
 
 
 def test_block_trigrams_greedy_and_beam():
     plain = greedy(LOOP.step, LOOP.init(2), 2, max_length=12)
     np.testing.assert_array_equal(plain.seqs[0], [1, 2, 3] * 4)
     blocked = greedy(LOOP.step, LOOP.init(2), 2, max_length=12, block_trigrams=True)
-    # t=5: (1,2,3) seen once, so 3 loses ln(1/2)*2 = -1.386 and the runner-up 5 (1 nat behind) wins; t=8: both (1,2,3)
-    # and (1,2,5) seen once, 3 wins again; t=9: (2,3,1) seen once, 6 wins.
+    # t=5: (1,2,3) seen once, so 3 loses 2 ln(1/2) = -1.386 and the runner-up 5 (1 nat behind) wins;
+    # t=8: (1,2,3) and (1,2,5) both seen once, 3 wins again; t=9: (2,3,1) seen once, 6 wins.
     np.testing.assert_array_equal(blocked.seqs[0], [1, 2, 3, 1, 2, 5, 1, 2, 3, 6, 2, 3])
-    np.testing.assert_array_equal(blocked.seqs, ref_greedy(LOOP, np.zeros((2, 1)), 12, block_trigrams=True)[0])
+    np.testing.assert_array_equal(
+        blocked.seqs, ref_greedy(LOOP, np.zeros((2, 1)), 12, block_trigrams=True)[0]
+    )
     beam_plain = beam_search(LOOP.step, keep_dict, keep_dict, LOOP.init(2, 3), 2, 3, max_length=12)
-    beam_blocked = beam_search(LOOP.step, keep_dict, keep_dict, LOOP.init(2, 3), 2, 3, max_length=12,
-                               block_trigrams=True)
+    beam_blocked = beam_search(
+        LOOP.step, keep_dict, keep_dict, LOOP.init(2, 3), 2, 3, max_length=12, block_trigrams=True
+    )
     assert np.any(beam_plain.seqs != beam_blocked.seqs)
-    assert_matches_reference(beam_blocked, [ref_beam_search(LOOP, f, 3, 12, block_trigrams=True)
-                                            for f in np.zeros((2, 1))])
+    assert_matches_reference(
+        beam_blocked, [ref_beam_search(LOOP, f, 3, 12, block_trigrams=True) for f in np.zeros((2, 1))]
+    )
     assert_matches_reference(beam_plain, [ref_beam_search(LOOP, f, 3, 12) for f in np.zeros((2, 1))])
-    assert np.mean([len(set(map(tuple, np.lib.stride_tricks.sliding_window_view(s, 3)))) for s in beam_blocked.seqs]) > \
-        np.mean([len(set(map(tuple, np.lib.stride_tricks.sliding_window_view(s, 3)))) for s in beam_plain.seqs])
+    plain_stats = [_trigram_stats(q) for q in beam_plain.seqs]
+    blocked_stats = [_trigram_stats(q) for q in beam_blocked.seqs]
+    assert all(n == 10 and distinct == 3 for n, distinct in plain_stats)  # 1 2 3 1 2 3 ...
+    assert all(distinct > 3 for _, distinct in blocked_stats)
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
@@ -475,10 +549,11 @@ def test_constraints_match_reference_on_the_rnn(beam_size):
     model = ToyRNN(vocab1=9, hidden=8, seed=2, scale=1.5, eos_bias=-1.0)  # small vocabulary: trigrams repeat
     feats = model.images(5, seed=13)
     bad = [2, 5]
-    for kw, ref_kw in [(dict(block_trigrams=True), dict(block_trigrams=True)),
-                       (dict(bad_ending_ids=bad), dict(bad_ids=bad)),
-                       (dict(block_trigrams=True, bad_ending_ids=np.array(bad)), dict(block_trigrams=True,
-                                                                                          bad_ids=bad))]:
+    for kw, ref_kw in [
+        (dict(block_trigrams=True), dict(block_trigrams=True)),
+        (dict(bad_ending_ids=bad), dict(bad_ids=bad)),
+        (dict(block_trigrams=True, bad_ending_ids=np.array(bad)), dict(block_trigrams=True, bad_ids=bad)),
+    ]:
         res = run_beam(model, feats, beam_size, max_length=14, **kw)
         assert_matches_reference(res, [ref_beam_search(model, f, beam_size, 14, **ref_kw) for f in feats])
         g = greedy(model.step, model.init(feats), 5, max_length=14, **kw)
@@ -490,43 +565,73 @@ def test_constraints_match_reference_on_the_rnn(beam_size):
 
 def test_bad_endings_forbid_eos_after_those_words():
     # After 1 the model wants to stop; after 2 it wants 1; 3 continues to 2.
-    chain = Markov.build(6, {0: [(3, 3.0)], 3: [(2, 3.0)], 2: [(1, 3.0)], 1: [(0, 3.0), (4, 1.0)], 4: [(0, 3.0)]})
+    chain = Markov.build(
+        6, {0: [(3, 3.0)], 3: [(2, 3.0)], 2: [(1, 3.0)], 1: [(0, 3.0), (4, 1.0)], 4: [(0, 3.0)]}
+    )
     plain = greedy(chain.step, chain.init(1), 1, max_length=8)
     np.testing.assert_array_equal(plain.seqs[0, :4], [3, 2, 1, 0])
     fixed = greedy(chain.step, chain.init(1), 1, max_length=8, bad_ending_ids=[1])
     np.testing.assert_array_equal(fixed.seqs[0, :5], [3, 2, 1, 4, 0])
     beam_plain = beam_search(chain.step, keep_dict, keep_dict, chain.init(2), 1, 2, max_length=8)
     np.testing.assert_array_equal(beam_plain.seqs[0, :4], [3, 2, 1, 0])
-    beam_fixed = beam_search(chain.step, keep_dict, keep_dict, chain.init(2), 1, 2, max_length=8,
-                             bad_ending_ids=[1])
+    beam_fixed = beam_search(
+        chain.step, keep_dict, keep_dict, chain.init(2), 1, 2, max_length=8, bad_ending_ids=[1]
+    )
     seq = list(beam_fixed.seqs[0])
     end = seq.index(0)
     assert end > 0 and seq[end - 1] != 1
     np.testing.assert_array_equal(beam_fixed.seqs[0, :5], [3, 2, 1, 4, 0])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Pieces
 
 
-def test_topk_is_exact_with_ties():
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_topk_is_exact_with_ties(overwrite):
     rng = np.random.default_rng(0)
-    x = rng.integers(-4, 1, size=(50, 23)).astype(np.float32)
+    x = rng.integers(-4, 1, size=(60, 23)).astype(np.float32)
     x[3] = 0.0
-    x[4, :5] = -np.inf
-    for k in (1, 2, 3, 5, 23):
-        vals, idx = _topk(x, k)
+    x[4, :20] = -np.inf  # fewer finite values than k
+    x[5] = -np.inf
+    x[6, 5:] = -np.inf
+    for k in (1, 2, 3, 5, 8, 10, 23):  # repeated-argmax, argpartition and full-sort paths
+        data = x.copy()
+        vals, idx = _topk(data, k, overwrite=overwrite)
         expect = np.argsort(-x, axis=1, kind="stable")[:, :k]
         np.testing.assert_array_equal(idx, expect)
         np.testing.assert_array_equal(vals, np.take_along_axis(x, expect, axis=1))
+        if not overwrite:
+            np.testing.assert_array_equal(data, x)
 
 
 def test_decode_sequence_and_bad_endings():
-    ix_to_word = {"1": "a", "2": "man", "3": "riding", "4": "the", "5": "with", "6": "bi@@", "7": "ke", "8": "is"}
-    seqs = np.array([[1, 2, 3, 1, 6, 7, 0, 2], [1, 2, 5, 4, 0, 0, 0, 0], [4, 1, 0, 2, 2, 2, 2, 2],
-                     [0, 2, 2, 2, 2, 2, 2, 2], [2, 3, 2, 3, 2, 3, 2, 3]])
-    assert decode_sequence(ix_to_word, seqs) == ["a man riding a bike", "a man with the", "the a", "",
-                                                 "man riding man riding man riding man riding"]
+    ix_to_word = {
+        "1": "a",
+        "2": "man",
+        "3": "riding",
+        "4": "the",
+        "5": "with",
+        "6": "bi@@",
+        "7": "ke",
+        "8": "is",
+    }
+    seqs = np.array(
+        [
+            [1, 2, 3, 1, 6, 7, 0, 2],
+            [1, 2, 5, 4, 0, 0, 0, 0],
+            [4, 1, 0, 2, 2, 2, 2, 2],
+            [0, 2, 2, 2, 2, 2, 2, 2],
+            [2, 3, 2, 3, 2, 3, 2, 3],
+        ]
+    )
+    assert decode_sequence(ix_to_word, seqs) == [
+        "a man riding a bike",
+        "a man with the",
+        "the a",
+        "",
+        "man riding man riding man riding man riding",
+    ]
     stripped = decode_sequence(ix_to_word, seqs, remove_bad_endings=True)
     assert stripped[:2] == ["a man riding a bike", "a man"]
     assert stripped[2] == "the a"  # the reference keeps a caption made only of bad endings

@@ -197,7 +197,8 @@ class AoAModel(nn.Layer):
             return dict(out, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1))
 
         if k == 1 and greedy_unk:
-            return greedy(step, ctx, batch, max_length=max_length, keep=keep, **options)
+            greedy_options = {k: v for k, v in options.items() if k in ("block_trigrams", "bad_ending_ids")}
+            return greedy(step, ctx, batch, max_length=max_length, keep=keep, **greedy_options)
         return beam_search(step, reorder, keep, ctx, batch, beam_size, max_length=max_length, unk_idx=self.unk_idx,
                            **options)
 
