@@ -1,0 +1,137 @@
+"""The whole pipeline on the embedded dataset, with the project's own commands (what `make demo` runs).
+
+synth -> prepro -> ngrams -> nearest-neighbour baseline -> XE -> eval -> SCST -> eval -> export -> ONNX inference
+vs Paddle inference. Prints a table and writes artifacts/demo/report.json. Everything lives under artifacts/demo/;
+the dataset is generated once and reused, the checkpoints and the export are made anew on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "artifacts" / "demo"
+DATA = DEMO / "data"
+BIN = Path(sys.executable).parent
+METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def run(*args, **kwargs):
+    cmd = [str(BIN / args[0]) if (BIN / args[0]).exists() else args[0], *map(str, args[1:])]
+    print("\n$ " + " ".join([args[0], *map(str, args[1:])]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def stage_data(images: int):
+    if not (DATA / "dataset_coco.json").is_file():
+        run("aoanet-data", "synth", "--out", DATA, "--images", images)
+    run("aoanet-data", "prepro", "--input-json", DATA / "dataset_coco.json",
+        "--output-json", DATA / "cocotalk.json", "--output-h5", DATA / "cocotalk_label.h5")
+    run("aoanet-data", "ngrams", "--input-json", DATA / "dataset_coco.json", "--dict-json", DATA / "cocotalk.json",
+        "--out", DATA / "coco-train-ngrams.json.gz")
+    run("aoanet-data", "check", DATA)
+
+
+def baseline_nn() -> dict:
+    from aoanet.data.baseline import nearest_neighbour_captions
+    from aoanet.evaluation import evaluate_predictions, load_references
+
+    preds = nearest_neighbour_captions(DATA / "dataset_coco.json", DATA / "cocobu_fc", split="test")
+    return evaluate_predictions(preds, load_references(DATA / "dataset_coco.json"), spice=False)
+
+
+def evaluate(checkpoint: Path, name: str, beam_size: int) -> dict:
+    out = DEMO / f"{name}_test_captions.json"
+    run("aoanet-eval", "--checkpoint", checkpoint, "--split", "test", "--beam-size", beam_size, "--out", out,
+        "--metrics-out", DEMO / f"{name}_test_metrics.json")
+    metrics = read_json(DEMO / f"{name}_test_metrics.json")
+    return {k: metrics[k] for k in (*METRICS, "SPICE") if k in metrics}
+
+
+def infer_parity(export_dir: Path, checkpoint: Path, beam_sizes=(1, 2, 3)) -> dict:
+    equal, total, rates = 0, 0, []
+    for k in beam_sizes:
+        onnx_out, paddle_out = DEMO / f"infer_onnx_b{k}.json", DEMO / f"infer_paddle_b{k}.json"
+        t = time.perf_counter()
+        run("aoanet-infer", "--backend", "onnx", "--model", export_dir, "--features", DATA, "--split", "test",
+            "--beam-size", k, "--out", onnx_out)
+        elapsed = time.perf_counter() - t
+        run("aoanet-infer", "--backend", "paddle", "--checkpoint", checkpoint, "--features", DATA, "--split", "test",
+            "--beam-size", k, "--out", paddle_out)
+        a = {p["image_id"]: p["caption"] for p in read_json(onnx_out)}
+        b = {p["image_id"]: p["caption"] for p in read_json(paddle_out)}
+        if set(a) != set(b):
+            raise SystemExit(f"onnx and paddle captioned different images at beam {k}")
+        equal += sum(a[i] == b[i] for i in a)
+        total += len(a)
+        rates.append(len(a) / elapsed)
+    return {"captions_equal_paddle": equal / total, "images_compared": total, "beam_sizes": list(beam_sizes),
+            "images_per_s": max(rates), "images_per_s_note": "end to end incl. process start, beam sizes 1-3"}
+
+
+def table(report: dict) -> str:
+    rows = [("baseline_nn", report.get("baseline_nn", {})), ("xe", report.get("xe", {})),
+            ("scst", report.get("scst", {}))]
+    lines = [f"{'stage':12s}" + "".join(f"{m:>9s}" for m in METRICS)]
+    for name, m in rows:
+        if m:
+            lines.append(f"{name:12s}" + "".join(f"{m.get(k, float('nan')):9.3f}" for k in METRICS))
+    if "export" in report:
+        lines.append(f"export: max |logprob diff| paddle vs onnx = {report['export']['max_abs_diff_logprobs']:.2e}")
+    if "infer" in report:
+        i = report["infer"]
+        lines.append(f"infer: captions equal to paddle = {i['captions_equal_paddle']:.3f} "
+                     f"({i['images_compared']} captions), {i['images_per_s']:.1f} images/s")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=4000, help="size of the embedded dataset")
+    ap.add_argument("--beam-size", type=int, default=2, help="test-time beam (the authors report beam 2)")
+    ap.add_argument("--skip-scst", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    started = time.time()
+    DEMO.mkdir(parents=True, exist_ok=True)
+    for stale in ("xe", "scst", "export"):
+        shutil.rmtree(DEMO / stale, ignore_errors=True)
+    report: dict = {"dataset": {"images": args.images, "dir": str(DATA.relative_to(ROOT))}}
+
+    stage_data(args.images)
+    report["baseline_nn"] = {k: v for k, v in baseline_nn().items() if k in METRICS}
+
+    run("aoanet-train", "xe", "--config", "configs/demo.yml")
+    report["xe"] = evaluate(DEMO / "xe", "xe", args.beam_size)
+    final = DEMO / "xe"
+    if not args.skip_scst:
+        run("aoanet-train", "scst", "--config", "configs/demo_rl.yml", "--start-from", DEMO / "xe")
+        report["scst"] = evaluate(DEMO / "scst", "scst", args.beam_size)
+        final = DEMO / "scst"
+        report["scst_vs_xe_cider"] = report["scst"]["CIDEr"] / report["xe"]["CIDEr"]
+    report["xe_vs_baseline_cider"] = report["xe"]["CIDEr"] / report["baseline_nn"]["CIDEr"]
+
+    run("aoanet-export", "--checkpoint", final, "--out", DEMO / "export", "--force")
+    parity = read_json(DEMO / "export" / "parity.json")
+    report["export"] = {"max_abs_diff_logprobs": parity["max_abs_diff_logprobs"], "checkpoint": final.name}
+    report["infer"] = infer_parity(DEMO / "export", final)
+    report["seconds"] = round(time.time() - started, 1)
+
+    (DEMO / "report.json").write_text(json.dumps(report, indent=1))
+    print("\n" + table(report))
+    print(f"\nreport: {DEMO / 'report.json'}  ({report['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
