@@ -32,8 +32,13 @@ def load_references(path) -> dict[int, list[str]]:
 
 
 def predict(model, data, split: str, beam_size: int = 1, max_length: int = 20, batch_size: int = 50,
-            num_images: int = -1, num_workers: int = 0, progress: bool = True, **decode_options) -> list[dict]:
-    """Captions for a split in the COCO results format: [{"image_id", "caption"}] in split order."""
+            num_images: int = -1, num_workers: int = 0, progress: bool = True, vocab: dict | None = None,
+            **decode_options) -> list[dict]:
+    """Captions for a split in the COCO results format: [{"image_id", "caption"}] in split order.
+
+    ``vocab`` (ix_to_word) decodes the tokens: pass the checkpoint's own, which need not equal the data's
+    cocotalk.json (a converted model keeps the authors' word order). Default: the data's vocabulary.
+    """
     from aoanet.data.loader import build_loader
 
     loader = build_loader(data, split=split, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -49,7 +54,7 @@ def predict(model, data, split: str, beam_size: int = 1, max_length: int = 20, b
             feats = paddle.to_tensor(np.asarray(batch["att_feats"][:take]))
             masks = paddle.to_tensor(np.asarray(batch["att_masks"][:take]))
             res = model.decode(feats, masks, beam_size=beam_size, max_length=max_length, **decode_options)
-            for image_id, caption in zip(batch["image_ids"][:take], decode_sequence(data.vocab, res.seqs)):
+            for image_id, caption in zip(batch["image_ids"][:take], decode_sequence(vocab or data.vocab, res.seqs)):
                 results.append({"image_id": int(image_id), "caption": caption})
             bar.update(take)
             if len(results) >= total:

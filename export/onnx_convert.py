@@ -1,8 +1,8 @@
 """Static graph -> ONNX with paddle2onnx, then the contract's tensor names and symbolic dimensions.
 
-paddle2onnx names the graph's results ``fetch_name_<i>`` and its dynamic dimensions ``DynamicDimension.<k>``; the
-runtime relies on the names of docs/ARCHITECTURE.md ("ONNX export") instead, so both are rewritten here and the
-result is checked with ``onnx.checker``.
+paddle2onnx names the graph's results ``fetch_name_<i>`` and its dynamic dimensions
+``DynamicDimension.<k>``; the runtime relies on the names of docs/ARCHITECTURE.md ("ONNX export") instead, so
+both are rewritten here and the result is checked with ``onnx.checker``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class TensorSpec:
 
 
 def contract(vocab_size: int, rnn_size: int, att_feat_size: int) -> dict[str, tuple[list, list]]:
-    """{graph: (inputs, outputs)} as TensorSpecs, in the order of the traced wrappers' arguments and results."""
+    """{graph: (inputs, outputs)} as TensorSpecs, in the order of the wrappers' arguments and results."""
     r, f, b, n = rnn_size, att_feat_size, BATCH, REGIONS
     masks = TensorSpec("att_masks", "float32", (b, n))
     mean = TensorSpec("mean_feats", "float32", (b, r))
@@ -60,7 +60,9 @@ def contract(vocab_size: int, rnn_size: int, att_feat_size: int) -> dict[str, tu
 
 def check_opset(opset: int) -> int:
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET} (the tested range), got {opset!r}")
+        raise ExportError(
+            f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET} (the tested range), got {opset!r}"
+        )
     return opset
 
 
@@ -87,8 +89,8 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
     check_opset(opset)
     paddle2onnx = import_paddle2onnx()
     try:
-        # save_file=None: get the bytes back. paddle2onnx logs and swallows its own errors, so a failure surfaces
-        # here as an unbound result; either way, the message points at the log above it.
+        # save_file=None: get the bytes back. On a conversion error paddle2onnx logs it and calls
+        # sys.exit(-1): catch that too, so that a failed conversion is an ExportError, not the process's end.
         data = paddle2onnx.export(
             str(files.model_file),
             str(files.params_file),
@@ -97,8 +99,11 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
             auto_upgrade_opset=False,
             enable_onnx_checker=True,
         )
-    except Exception as e:
-        raise ExportError(f"paddle2onnx could not convert {files.model_file.name} at opset {opset}: {e!r}") from e
+    except (Exception, SystemExit) as e:
+        detail = "its error is logged above" if isinstance(e, SystemExit) else repr(e)
+        raise ExportError(
+            f"paddle2onnx could not convert {files.model_file.name} at opset {opset} ({detail})"
+        ) from e
     if not data:
         raise ExportError(f"paddle2onnx returned nothing for {files.model_file.name} (see its log above)")
     model = onnx.load_from_string(data)
@@ -108,7 +113,7 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
 
     _check_inputs(model, inputs, files)
     _rename_outputs(model, [o.name for o in outputs], files)
-    for spec, value in zip(inputs + outputs, list(model.graph.input) + list(model.graph.output)):
+    for spec, value in zip(inputs + outputs, list(model.graph.input) + list(model.graph.output), strict=True):
         _set_shape(value, spec)
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -146,12 +151,14 @@ def _rename_outputs(model, names: list[str], files: StaticFiles) -> None:
     produced = {name for node in graph.node for name in node.output}
     graph_inputs = {v.name for v in graph.input}
     old_names = [v.name for v in graph.output]
-    for value, new in zip(graph.output, names):
+    for value, new in zip(graph.output, names, strict=True):
         old = value.name
         if old == new:
             continue
         if new in taken:
-            raise ExportError(f"{files.model_file.name}: cannot rename {old} to {new}, the name is already used")
+            raise ExportError(
+                f"{files.model_file.name}: cannot rename {old} to {new}, the name is already used"
+            )
         if old in produced and old_names.count(old) == 1 and old not in graph_inputs:
             for node in graph.node:
                 node.output[:] = [new if x == old else x for x in node.output]
@@ -171,7 +178,7 @@ def _set_shape(value, spec: TensorSpec) -> None:
         raise ExportError(f"ONNX tensor {spec.name} has rank {len(dims)}, expected {list(spec.shape)}")
     if _dtype_name(value) != spec.dtype:
         raise ExportError(f"ONNX tensor {spec.name} is {_dtype_name(value)}, expected {spec.dtype}")
-    for dim, want in zip(dims, spec.shape):
+    for dim, want in zip(dims, spec.shape, strict=True):
         if isinstance(want, str):
             dim.dim_param = want  # clears dim_value (oneof)
         elif dim.HasField("dim_value") and dim.dim_value != want:

@@ -1,8 +1,9 @@
 """The model's ``encode`` and ``step`` as two static graphs (``paddle.jit.to_static`` + ``InputSpec``), and a
 ``paddle.inference`` predictor to run them.
 
-Batch and region count are dynamic (``None`` in the specs). ``paddle.jit.save`` writes ``<prefix>.json`` (PIR, Paddle
-3.x) or ``<prefix>.pdmodel`` (Paddle 2.6) next to ``<prefix>.pdiparams``; the file names are read back from disk.
+Batch and region count are dynamic (``None`` in the specs). ``paddle.jit.save`` writes ``<prefix>.json``
+(PIR, Paddle 3.x) or ``<prefix>.pdmodel`` (Paddle 2.6) next to ``<prefix>.pdiparams``; the names are read
+back from disk.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ class EncoderGraph(paddle.nn.Layer):
 
 
 class DecoderGraph(paddle.nn.Layer):
-    """step(it, (state_h, state_c), mean_feats, p_att_feats, att_masks) -> (logprobs, next_state_h, next_state_c)."""
+    """step(it, (state_h, state_c), mean_feats, p_att_feats, att_masks) -> (logprobs, next_h, next_c)."""
 
     def __init__(self, model: AoAModel):
         super().__init__()
         self.model = model
 
     def forward(self, it, state_h, state_c, mean_feats, p_att_feats, att_masks):
-        logprobs, (next_h, next_c) = self.model.step(it, (state_h, state_c), mean_feats, p_att_feats, att_masks)
+        logprobs, (next_h, next_c) = self.model.step(
+            it, (state_h, state_c), mean_feats, p_att_feats, att_masks
+        )
         return logprobs, next_h, next_c
 
 
@@ -88,8 +91,9 @@ def _shape_checks_untraced(model: AoAModel):
     """Run ``AoAModel._check_inputs`` as plain Python while tracing.
 
     Under dy2static, ``tensor.shape`` yields tensors for the dynamic dimensions, so the check's
-    ``a > 0 and ...`` would become ``bool(Tensor)``, which static mode rejects. Untraced, the check sees -1 for the
-    dynamic dimensions, which it already accepts, and still validates the static ones (feature width).
+    ``a > 0 and ...`` would become ``bool(Tensor)``, which static mode rejects. Untraced, the check sees -1
+    for the dynamic dimensions, which it already accepts, and still validates the static ones (feature
+    width).
     """
     cls_check = type(model)._check_inputs
 
@@ -125,7 +129,7 @@ def _to_static(layer: paddle.nn.Layer, spec: list[InputSpec]):
 
 
 def save_static(model: AoAModel, directory: Path) -> dict[str, StaticFiles]:
-    """Trace ``encode`` and ``step`` of an eval-mode model and save them as ``directory/{encoder,decoder}.*``."""
+    """Trace ``encode`` and ``step`` of the model (in eval mode) as ``directory/{encoder,decoder}.*``."""
     model.eval()
     training = [name for name, layer in model.named_sublayers(include_self=True) if layer.training]
     if training:
@@ -160,16 +164,14 @@ class StaticPredictor:
         config.set_cpu_math_library_num_threads(threads)
         self.predictor = inference.create_predictor(config)
         self.input_names = list(self.predictor.get_input_names())
-        # jit.save names the results fetch_name_<position>.
-        self.output_names = sorted(self.predictor.get_output_names(), key=_position)
+        names = list(self.predictor.get_output_names())
+        # PIR names the results fetch_name_<position>; keep the predictor's order otherwise (Paddle 2.x).
+        if all(re.fullmatch(r"fetch_name_\d+", n) for n in names):
+            names.sort(key=lambda n: int(n.rsplit("_", 1)[1]))
+        self.output_names = names
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         for name in self.input_names:
             self.predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(feeds[name]))
         self.predictor.run()
         return [self.predictor.get_output_handle(name).copy_to_cpu() for name in self.output_names]
-
-
-def _position(name: str) -> tuple[int, str]:
-    m = re.search(r"(\d+)$", name)
-    return (int(m.group(1)) if m else -1, name)

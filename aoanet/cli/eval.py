@@ -33,7 +33,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", beam_size: int = 2
     data = CaptionData(d.input_json, d.input_label_h5, d.input_att_dir,
                        att_feat_size=model.options.att_feat_size, seq_per_img=d.seq_per_img)
     preds = predict(model, data, split, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
-                    num_images=num_images, progress=progress)
+                    num_images=num_images, progress=progress, vocab=vocab)
     metrics = evaluate_predictions(preds, load_references(d.references_json), spice=spice)
     return preds, metrics
 

@@ -1,7 +1,8 @@
 """Write-then-rename, so that an interrupted command never leaves a half-written file under the final name.
 
-This matters twice: a truncated cocotalk_label.h5 would otherwise load as garbage, and `aoanet-data bu` skips images
-whose feature files already exist when it is re-run, which is only safe if existing files are always complete.
+This matters twice: a truncated cocotalk_label.h5 would otherwise load as garbage, and `aoanet-data bu` skips
+images whose feature files already exist when it is re-run, which is only safe if existing files are always
+complete.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""``aoanet-data bu``: peteanderson80's bottom-up-attention TSVs -> cocobu_att / cocobu_fc / cocobu_box (§2.3).
+"""``aoanet-data bu``: bottom-up-attention TSVs -> cocobu_att / cocobu_fc / cocobu_box (reference §2.3).
 
-Each TSV line holds ``image_id, image_w, image_h, num_boxes, boxes, features`` separated by tabs, ``boxes`` and
-``features`` being base64 float32 arrays of num_boxes x 4 and num_boxes x F values. The files were written by
-Python's csv module with a tab delimiter; base64 never contains a tab, quote or newline, so splitting each line on
-tabs reads them exactly, without the csv module's field-size limit (a 100-box line is over 1 MB).
+Each TSV line holds ``image_id, image_w, image_h, num_boxes, boxes, features`` separated by tabs, ``boxes``
+and ``features`` being base64 float32 arrays of num_boxes x 4 and num_boxes x F values. The files were written
+by Python's csv module with a tab delimiter; base64 never contains a tab, quote or newline, so splitting each
+line on tabs reads them exactly, without the csv module's field-size limit (a 100-box line is over 1 MB).
 
 The conversion streams one line at a time (a TSV is ~10-20 GB). An image whose three output files all exist is
-skipped without decoding, so an interrupted run can simply be started again; the outputs are written atomically,
-so an existing file is always complete. A malformed or truncated line is an error naming the file, the line number
-and the image id.
+skipped without decoding, so an interrupted run can simply be started again; the outputs are written
+atomically, so an existing file is always complete. A malformed or truncated line is an error naming the file,
+the line number and the image id.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def _decode(field: bytes, where: str, name: str) -> np.ndarray:
     except (binascii.Error, ValueError) as e:
         raise DataError(f"{where}: field '{name}' is not valid base64 ({e}); the line looks truncated") from e
     if len(raw) % 4:
-        raise DataError(f"{where}: field '{name}' decodes to {len(raw)} bytes, not whole float32 values "
-                        f"(truncated line?)")
+        raise DataError(
+            f"{where}: field '{name}' decodes to {len(raw)} bytes, not whole float32 values (truncated line?)"
+        )
     return np.frombuffer(raw, dtype=np.float32)
 
 
@@ -43,8 +44,10 @@ def parse_line(fields: list[bytes], where: str, feat_dim: int | None) -> tuple[i
     image_id = int(fields[0])
     where = f"{where}, image id {image_id}"
     if len(fields) != len(FIELDS):
-        raise DataError(f"{where}: {len(fields)} tab-separated fields, expected {len(FIELDS)} "
-                        f"({', '.join(FIELDS)}); the line looks truncated")
+        raise DataError(
+            f"{where}: {len(fields)} tab-separated fields, expected {len(FIELDS)} "
+            f"({', '.join(FIELDS)}); the line looks truncated"
+        )
     try:
         num_boxes = int(fields[3])
     except ValueError as e:
@@ -54,12 +57,16 @@ def parse_line(fields: list[bytes], where: str, feat_dim: int | None) -> tuple[i
     boxes = _decode(fields[4], where, "boxes")
     feats = _decode(fields[5], where, "features")
     if boxes.size != num_boxes * 4:
-        raise DataError(f"{where}: field 'boxes' has {boxes.size} values, expected num_boxes x 4 = {num_boxes * 4} "
-                        f"(truncated line?)")
+        raise DataError(
+            f"{where}: field 'boxes' has {boxes.size} values, expected num_boxes x 4 = {num_boxes * 4} "
+            f"(truncated line?)"
+        )
     width = feat_dim if feat_dim is not None else feats.size // num_boxes
     if width < 1 or feats.size != num_boxes * width:
-        raise DataError(f"{where}: field 'features' has {feats.size} values, expected num_boxes x width = "
-                        f"{num_boxes} x {width if feat_dim is not None else 'F'} (truncated line?)")
+        raise DataError(
+            f"{where}: field 'features' has {feats.size} values, expected num_boxes x width = "
+            f"{num_boxes} x {width if feat_dim is not None else 'F'} (truncated line?)"
+        )
     return image_id, boxes.reshape(num_boxes, 4), feats.reshape(num_boxes, width)
 
 
@@ -72,8 +79,8 @@ def convert_tsv(
 ) -> dict:
     """Convert every line of every TSV; returns counts of converted and skipped images and the feature width.
 
-    Without ``feat_dim`` the width is taken from the first decoded line and every later line must agree with it;
-    giving it (2048 for the COCO files) also catches a first line truncated at a whole number of regions.
+    Without ``feat_dim`` the width is taken from the first decoded line and every later line must agree with
+    it; giving it (2048 for the COCO files) also catches a first line truncated at a whole number of regions.
     """
     paths = [Path(p) for p in tsv_paths]
     for p in paths:
@@ -96,9 +103,17 @@ def convert_tsv(
                     try:
                         image_id = int(fields[0])
                     except ValueError as e:
-                        raise DataError(f"{where}: field 'image_id' is {fields[0][:20]!r}, not an integer") from e
-                    if all(p.exists() for p in (att_path(att_dir, image_id), npy_path(fc_dir, image_id),
-                                                npy_path(box_dir, image_id))):
+                        raise DataError(
+                            f"{where}: field 'image_id' is {fields[0][:20]!r}, not an integer"
+                        ) from e
+                    if all(
+                        p.exists()
+                        for p in (
+                            att_path(att_dir, image_id),
+                            npy_path(fc_dir, image_id),
+                            npy_path(box_dir, image_id),
+                        )
+                    ):
                         stats["skipped"] += 1
                         continue
                     image_id, boxes, feats = parse_line(fields, where, feat_dim)

@@ -1,7 +1,7 @@
 """Turning per-image items into a training batch of numpy arrays (reference §2.5, features not repeated).
 
-The caption window of an image is drawn from ``numpy.random.default_rng([seed, epoch, ix])``: it depends only on
-which image, which epoch and the seed, never on the worker that loaded it or on where a run was resumed.
+The caption window of an image is drawn from ``numpy.random.default_rng([seed, epoch, ix])``: it depends only
+on which image, which epoch and the seed, never on the worker that loaded it or on where a run was resumed.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 
 
 def caption_window(n_rows: int, seq_per_img: int, seed: int, epoch: int, ix: int) -> np.ndarray:
-    """Row indices of the captions used for one image: a random contiguous window of ``seq_per_img`` rows when the
-    image has that many, otherwise ``seq_per_img`` rows drawn with replacement."""
+    """Row indices of the captions used for one image: a random contiguous window of ``seq_per_img`` rows
+    when the image has that many, otherwise ``seq_per_img`` rows drawn with replacement."""
     rng = np.random.default_rng([seed, epoch, ix])
     if n_rows >= seq_per_img:
         first = int(rng.integers(0, n_rows - seq_per_img + 1))
@@ -20,7 +20,7 @@ def caption_window(n_rows: int, seq_per_img: int, seed: int, epoch: int, ix: int
 
 
 def pad_regions(feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad (K_i, F) arrays to the largest K: features [b, N, F] and the float mask [b, N] (1 = region)."""
+    """Zero-pad (K_i, F) arrays to the largest K: features [b, N, F], float mask [b, N] (1 = region)."""
     n = max(f.shape[0] for f in feats)
     att = np.zeros((len(feats), n, feats[0].shape[1]), dtype=np.float32)
     mask = np.zeros((len(feats), n), dtype=np.float32)
@@ -38,8 +38,9 @@ def collate(items: list[dict], seq_per_img: int, seed: int, epoch: int) -> dict:
     for i, it in enumerate(items):
         rows = it["labels"][caption_window(len(it["labels"]), seq_per_img, seed, epoch, it["ix"])]
         labels[i * seq_per_img : (i + 1) * seq_per_img, 1 : seq_length + 1] = rows
-    # BOS, the words and one EOS count (authors: nonzeros + 2); a full-width caption has no EOS in the row.
-    n_valid = np.minimum((labels != 0).sum(axis=1) + 2, seq_length + 2)
+    # BOS, the words and one EOS count (authors: nonzeros + 2); the extra last column is the EOS of a
+    # full-width caption.
+    n_valid = (labels != 0).sum(axis=1) + 2
     masks = (np.arange(seq_length + 2)[None, :] < n_valid[:, None]).astype(np.float32)
     return {
         "att_feats": att,

@@ -1,8 +1,8 @@
 """The one exception type of the data pipeline.
 
 Every message names the file and, where there is one, the image id (and the field), so a user can find the bad
-record without a debugger. It subclasses ValueError so callers that already catch bad-value errors keep working, and
-it pickles cleanly, so an error raised in a loader worker process reaches the trainer intact.
+record without a debugger. It subclasses ValueError so callers that already catch bad-value errors keep
+working, and it pickles cleanly, so an error raised in a loader worker process reaches the trainer intact.
 """
 
 

@@ -1,8 +1,8 @@
 """The bottom-up feature files: names, writing and checked reading (reference §2.3).
 
-``cocobu_att/<id>.npz`` (np.savez_compressed, key ``feat``, (K, F) float32), ``cocobu_fc/<id>.npy`` ((F,) float32,
-the mean of the K regions) and ``cocobu_box/<id>.npy`` ((K, 4) float32, x1 y1 x2 y2 in pixels). Every reader error is
-a DataError naming the file and the image id.
+``cocobu_att/<id>.npz`` (np.savez_compressed, key ``feat``, (K, F) float32), ``cocobu_fc/<id>.npy`` ((F,)
+float32, the mean of the K regions) and ``cocobu_box/<id>.npy`` ((K, 4) float32, x1 y1 x2 y2 in pixels). Every
+reader error is a DataError naming the file and the image id.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def read_att(path: str | os.PathLike, image_id: int, att_feat_size: int | None =
     try:
         with np.load(path) as npz:
             if "feat" not in npz.files:
-                raise DataError(f"{where}: no array 'feat' in the npz (has: {', '.join(npz.files) or 'nothing'})")
+                raise DataError(
+                    f"{where}: no array 'feat' in the npz (has: {', '.join(npz.files) or 'nothing'})"
+                )
             feat = npz["feat"]
     except FileNotFoundError as e:
         raise DataError(f"{where}: feature file missing") from e
@@ -64,10 +66,14 @@ def read_att(path: str | os.PathLike, image_id: int, att_feat_size: int | None =
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"{where}: cannot read feature file ({type(e).__name__}: {e})") from e
     if not isinstance(feat, np.ndarray) or feat.ndim != 2 or feat.shape[0] < 1:
-        raise DataError(f"{where}: 'feat' must have shape (regions >= 1, width), got {getattr(feat, 'shape', None)}")
+        raise DataError(
+            f"{where}: 'feat' must have shape (regions >= 1, width), got {getattr(feat, 'shape', None)}"
+        )
     if att_feat_size is not None and feat.shape[1] != att_feat_size:
-        raise DataError(f"{where}: feature width {feat.shape[1]} disagrees with att_feat_size={att_feat_size} "
-                        f"in the config")
+        raise DataError(
+            f"{where}: feature width {feat.shape[1]} disagrees with att_feat_size={att_feat_size} "
+            f"in the config"
+        )
     if feat.dtype != np.float32:
         if not np.issubdtype(feat.dtype, np.floating):
             raise DataError(f"{where}: 'feat' has dtype {feat.dtype}, expected float32")

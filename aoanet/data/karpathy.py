@@ -1,9 +1,9 @@
 """Reading Karpathy's ``dataset_coco.json`` (the raw captions with their splits) and checking its fields.
 
-The file is ``{"images": [{"split", "cocoid" | "imgid", "filepath"?, "filename", "sentences": [{"tokens", "raw",
-...}]}]}``. The tokens are already lower-cased and stripped of punctuation; nothing here re-tokenises them.
-The image id used everywhere (feature file names, results) is ``cocoid``, falling back to ``imgid`` for the Flickr
-files, which have no COCO id.
+The file is ``{"images": [{"split", "cocoid" | "imgid", "filepath"?, "filename", "sentences": [{"tokens",
+"raw", ...}]}]}``. The tokens are already lower-cased and stripped of punctuation; nothing here re-tokenises
+them. The image id used everywhere (feature file names, results) is ``cocoid``, falling back to ``imgid`` for
+the Flickr files, which have no COCO id.
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ def file_path(img: dict) -> str:
 
 
 def in_split(img_split: str, split: str) -> bool:
-    """Whether an image of split ``img_split`` belongs to ``split``; "train" includes restval (train_only=0)."""
+    """Whether an image of ``img_split`` belongs to ``split``; "train" includes restval (train_only=0)."""
     return split == "all" or img_split == split or (split == "train" and img_split == "restval")
 
 
 def load_dataset(path: str | os.PathLike) -> list[dict]:
     """The ``images`` list of a Karpathy-style dataset json, with every field the pipeline uses checked.
 
-    Raises DataError naming the file, the image (id and list position) and the field for: a missing or mistyped
-    field, an unknown split, an image without captions, an empty caption, a token that is not a single word, and a
-    duplicate image id.
+    Raises DataError naming the file, the image (id and list position) and the field for: a missing or
+    mistyped field, an unknown split, an image without captions, an empty caption, a token that is not a
+    single word, and a duplicate image id.
     """
     path = Path(path)
     data = load_json(path, "dataset json")
@@ -75,18 +75,24 @@ def load_dataset(path: str | os.PathLike) -> list[dict]:
             raise DataError(f"{where}: duplicate image id (also images[{seen[iid]}])")
         seen[iid] = i
         if img.get("split") not in SPLITS:
-            raise DataError(f"{where}: field 'split' is {img.get('split')!r}, expected one of {', '.join(SPLITS)}")
+            raise DataError(
+                f"{where}: field 'split' is {img.get('split')!r}, expected one of {', '.join(SPLITS)}"
+            )
         sents = img.get("sentences")
         if not isinstance(sents, list) or not sents:
-            raise DataError(f"{where}: field 'sentences' must be a non-empty list (every image needs a caption)")
+            raise DataError(
+                f"{where}: field 'sentences' must be a non-empty list (every image needs a caption)"
+            )
         for j, s in enumerate(sents):
             tokens = s.get("tokens") if isinstance(s, dict) else None
             sid = s.get("sentid", j) if isinstance(s, dict) else j
             if not isinstance(tokens, list):
                 raise DataError(f"{where}, sentence {sid}: field 'tokens' must be a list of words")
             if not tokens:
-                raise DataError(f"{where}, sentence {sid}: empty caption (field 'tokens' is empty; "
-                                f"raw: {s.get('raw', '')!r})")
+                raise DataError(
+                    f"{where}, sentence {sid}: empty caption (field 'tokens' is empty; "
+                    f"raw: {s.get('raw', '')!r})"
+                )
             for t in tokens:
                 # A token with white space would change meaning when captions are joined and re-split.
                 if not isinstance(t, str) or not t or t.split() != [t]:

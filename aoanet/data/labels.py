@@ -1,9 +1,9 @@
 """cocotalk.json + cocotalk_label.h5: loading them and checking that they agree (reference §2.2).
 
 :func:`inspect_labels` collects every problem (for ``aoanet-data check``); :func:`load_labels` is the strict
-version the loader uses, raising one DataError that lists them. Labels are read into memory whole: at full COCO size
-they are 616k x 16 uint32 = 40 MB, and per-item h5 reads in loader workers would be slower and need h5py handles
-that survive fork.
+version the loader uses, raising one DataError that lists them. Labels are read into memory whole: at full
+COCO size they are 616k x 16 uint32 = 40 MB, and per-item h5 reads in loader workers would be slower and need
+h5py handles that survive fork.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def _check_json(path: Path, problems: list[Problem]) -> tuple[dict, list] | None
         problems.append(Problem(path, None, "field 'ix_to_word' must be a non-empty object"))
         ok = False
     elif set(vocab) != {str(i) for i in range(1, len(vocab) + 1)}:
-        problems.append(Problem(path, None, f"field 'ix_to_word' keys must be \"1\"..\"{len(vocab)}\" "
-                                            f"(1-based, no gaps)"))
+        problems.append(
+            Problem(path, None, f'field \'ix_to_word\' keys must be "1".."{len(vocab)}" (1-based, no gaps)')
+        )
         ok = False
     if not isinstance(images, list) or not images:
         problems.append(Problem(path, None, "field 'images' must be a non-empty list"))
@@ -58,8 +59,13 @@ def _check_json(path: Path, problems: list[Problem]) -> tuple[dict, list] | None
             problems.append(Problem(path, None, f"images[{i}]: field 'id' missing or not an integer"))
             ok = False
         elif img.get("split") not in SPLITS:
-            problems.append(Problem(path, img["id"], f"field 'split' is {img.get('split')!r}, expected one of "
-                                                     f"{', '.join(SPLITS)}"))
+            problems.append(
+                Problem(
+                    path,
+                    img["id"],
+                    f"field 'split' is {img.get('split')!r}, expected one of {', '.join(SPLITS)}",
+                )
+            )
             ok = False
     return (vocab, images) if ok else None
 
@@ -91,8 +97,14 @@ def _check_rows(h5_path: Path, h5: dict, ids: list[int], vocab_size: int, proble
     start, end = h5["label_start_ix"].astype(np.int64), h5["label_end_ix"].astype(np.int64)
     bad_ptr = (start < 1) | (end < start) | (end > m)
     for i in np.flatnonzero(bad_ptr):
-        problems.append(Problem(h5_path, ids[i], f"label_start_ix={start[i]} label_end_ix={end[i]}: not a "
-                                                 f"1-based inclusive range within the {m} label rows"))
+        problems.append(
+            Problem(
+                h5_path,
+                ids[i],
+                f"label_start_ix={start[i]} label_end_ix={end[i]}: not a "
+                f"1-based inclusive range within the {m} label rows",
+            )
+        )
     if bad_ptr.any():
         return False
     # Which image each row belongs to, so row-level findings can name the image id.
@@ -103,21 +115,30 @@ def _check_rows(h5_path: Path, h5: dict, ids: list[int], vocab_size: int, proble
     nonzero = labels != 0
     # A token after a 0 means the row is not "tokens then padding".
     gap = (~nonzero[:, :-1] & nonzero[:, 1:]).any(axis=1)
-    findings = [(too_big, f"token id above the vocabulary size {vocab_size}"),
-                (gap, "a non-zero token after a 0 (rows must be tokens then zero padding)")]
+    findings = [
+        (too_big, f"token id above the vocabulary size {vocab_size}"),
+        (gap, "a non-zero token after a 0 (rows must be tokens then zero padding)"),
+    ]
     if "label_length" in h5:
         length = h5["label_length"]
         if length.shape != (m,):
-            problems.append(Problem(h5_path, None, f"dataset 'label_length' has shape {length.shape}, "
-                                                   f"expected ({m},)"))
+            problems.append(
+                Problem(h5_path, None, f"dataset 'label_length' has shape {length.shape}, expected ({m},)")
+            )
         else:
             findings.append((length != nonzero.sum(axis=1), "label_length disagrees with the row's tokens"))
     for mask, message in findings:
         rows = np.flatnonzero(mask & (owner >= 0))
         for i in np.unique(owner[rows]):
             r = rows[owner[rows] == i]
-            problems.append(Problem(h5_path, ids[i], f"label row(s) {', '.join(map(str, r[:5].tolist()))}"
-                                                     f"{' ...' if len(r) > 5 else ''}: {message}"))
+            problems.append(
+                Problem(
+                    h5_path,
+                    ids[i],
+                    f"label row(s) {', '.join(map(str, r[:5].tolist()))}"
+                    f"{' ...' if len(r) > 5 else ''}: {message}",
+                )
+            )
     return not any(mask.any() for mask, _ in findings)
 
 
@@ -133,15 +154,26 @@ def inspect_labels(input_json: str | os.PathLike, input_label_h5: str | os.PathL
     n = len(images)
     for k in ("label_start_ix", "label_end_ix"):
         if h5[k].shape != (n,):
-            problems.append(Problem(h5_path, None, f"dataset '{k}' has shape {h5[k].shape} but {json_path} lists "
-                                                   f"{n} images: the h5 and the json disagree"))
+            problems.append(
+                Problem(
+                    h5_path,
+                    None,
+                    f"dataset '{k}' has shape {h5[k].shape} but {json_path} lists "
+                    f"{n} images: the h5 and the json disagree",
+                )
+            )
     if problems:
         return None, problems
     ids = [img["id"] for img in images]
     if not _check_rows(h5_path, h5, ids, len(vocab), problems) or problems:
         return None, problems
-    labelset = LabelSet(vocab=vocab, images=images, labels=h5["labels"],
-                        start=h5["label_start_ix"].astype(np.int64) - 1, end=h5["label_end_ix"].astype(np.int64))
+    labelset = LabelSet(
+        vocab=vocab,
+        images=images,
+        labels=h5["labels"],
+        start=h5["label_start_ix"].astype(np.int64) - 1,
+        end=h5["label_end_ix"].astype(np.int64),
+    )
     return labelset, problems
 
 

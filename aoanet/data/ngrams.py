@@ -1,10 +1,10 @@
 """``aoanet-data ngrams``: training-split n-gram document frequencies for the CIDEr-D reward (reference §2.4).
 
-For every image of the split ("train" = train + restval, as in the reference) all its reference captions are taken
-**untruncated**, mapped to token ids with the vocabulary of cocotalk.json (out-of-vocabulary words -> UNK), and
-the EOS id 0 is appended. Tokens are Python ints (the reference stored them as strings of ids; the reward in
-:mod:`aoanet.metrics.cider` works on the int label rows directly). ``ref_len`` is the number of images. Counting and
-the file format belong to :mod:`aoanet.metrics.cider`.
+For every image of the split ("train" = train + restval, as in the reference) all its reference captions are
+taken **untruncated**, mapped to token ids with the vocabulary of cocotalk.json (out-of-vocabulary words ->
+UNK), and the EOS id 0 is appended. Tokens are Python ints (the reference stored them as strings of ids; the
+reward in :mod:`aoanet.metrics.cider` works on the int label rows directly). ``ref_len`` is the number of
+images. Counting and the file format belong to :mod:`aoanet.metrics.cider`.
 """
 
 from __future__ import annotations

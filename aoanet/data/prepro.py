@@ -2,8 +2,8 @@
 
 - Vocabulary over all splits, words with count > ``word_count_threshold``, ordered as described in
   :mod:`aoanet.data.vocab` (descending count, then alphabetical; ``UNK`` last).
-- Every caption becomes one row of ``labels`` (uint32, width ``max_length``, zero padded, truncated: a caption of
-  ``max_length`` tokens or more has no terminating 0). Rare words map to the UNK index.
+- Every caption becomes one row of ``labels`` (uint32, width ``max_length``, zero padded, truncated: a caption
+  of ``max_length`` tokens or more has no terminating 0). Rare words map to the UNK index.
 - ``label_start_ix`` / ``label_end_ix`` are 1-based inclusive row pointers per image, ``label_length`` is
   min(max_length, len(tokens)).
 - An empty caption, an image without captions or a malformed field is an error naming the image id
@@ -71,7 +71,9 @@ def prepro_labels(
         output_json,
         {
             "ix_to_word": vocab_mod.ix_to_word(words),
-            "images": [{"split": img["split"], "file_path": file_path(img), "id": image_id(img)} for img in images],
+            "images": [
+                {"split": img["split"], "file_path": file_path(img), "id": image_id(img)} for img in images
+            ],
         },
     )
     n_rare = sum(c for w, c in counts.items() if w not in w2i)

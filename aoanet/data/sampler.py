@@ -1,17 +1,18 @@
 """Which images go in which batch, epoch by epoch: deterministic, shardable, resumable.
 
 The whole batch list of an epoch is a pure function of (indices, batch_size, shuffle, seed, epoch, rank,
-world_size), so a loader can resume mid-epoch by skipping batches, and every rank computes the same global order
-without talking to the others.
+world_size), so a loader can resume mid-epoch by skipping batches, and every rank computes the same global
+order without talking to the others.
 
-- Training order is a permutation drawn from ``numpy.random.default_rng([seed, epoch])``: reshuffled every epoch,
-  including epoch 0 (the authors' loader ran the first epoch in file order). Evaluation splits keep file order.
-- Sharding: each global step takes ``batch_size * world_size`` consecutive images of the epoch's order and rank r
-  gets the r-th of ``world_size`` near-equal parts, so every image is seen once per epoch across the ranks and all
-  ranks run the same number of steps. The last step is smaller; for training (``top_up``), if it has fewer images
-  than ranks, it is topped up with the epoch's first images so that no rank gets an empty batch (at most
-  world_size - 1 images are then seen twice). For evaluation nothing is duplicated and a rank may get one batch
-  fewer. With world_size = 1 this is plain chunking, the last partial batch kept.
+- Training order is a permutation drawn from ``numpy.random.default_rng([seed, epoch])``: reshuffled every
+  epoch, including epoch 0 (the authors' loader ran the first epoch in file order). Evaluation splits keep
+  file order.
+- Sharding: each global step takes ``batch_size * world_size`` consecutive images of the epoch's order and
+  rank r gets the r-th of ``world_size`` near-equal parts, so every image is seen once per epoch across the
+  ranks and all ranks run the same number of steps. The last step is smaller; for training (``top_up``), if it
+  has fewer images than ranks, it is topped up with the epoch's first images so that no rank gets an empty
+  batch (at most world_size - 1 images are then seen twice). For evaluation nothing is duplicated and a rank
+  may get one batch fewer. With world_size = 1 this is plain chunking, the last partial batch kept.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ import numpy as np
 import paddle
 
 
-def epoch_batches(indices, batch_size: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1, top_up: bool = False) -> list[list[int]]:
+def epoch_batches(
+    indices,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    top_up: bool = False,
+) -> list[list[int]]:
     """The batches (lists of image indices) of one epoch for one rank."""
     order = np.asarray(indices, dtype=np.int64)
     if shuffle:
@@ -43,11 +53,20 @@ def epoch_batches(indices, batch_size: int, *, shuffle: bool, seed: int, epoch: 
 
 class CaptionBatchSampler(paddle.io.BatchSampler):
     """A ``paddle.io.BatchSampler`` over a list of image indices; iterating yields the batches of the current
-    epoch (``set_epoch``). Usable on its own with ``paddle.io.DataLoader``; :class:`aoanet.data.loader.CaptionLoader`
-    uses :meth:`batches` to resume mid-epoch."""
+    epoch (``set_epoch``). Usable on its own with ``paddle.io.DataLoader``;
+    :class:`aoanet.data.loader.CaptionLoader` uses :meth:`batches` to resume mid-epoch."""
 
-    def __init__(self, indices, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                 rank: int = 0, world_size: int = 1, top_up: bool | None = None):
+    def __init__(
+        self,
+        indices,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        top_up: bool | None = None,
+    ):
         # paddle's BatchSampler.__init__ wants a dataset or sampler; like paddle's DistributedBatchSampler,
         # this class keeps its own state instead of calling it.
         if batch_size < 1:
@@ -71,9 +90,19 @@ class CaptionBatchSampler(paddle.io.BatchSampler):
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         epoch = self.epoch if epoch is None else epoch
         if self._cache is None or self._cache[0] != epoch:  # len() and iteration share one computation
-            self._cache = (epoch, epoch_batches(self.indices, self.batch_size, shuffle=self.shuffle, seed=self.seed,
-                                                epoch=epoch, rank=self.rank, world_size=self.world_size,
-                                                top_up=self.top_up))
+            self._cache = (
+                epoch,
+                epoch_batches(
+                    self.indices,
+                    self.batch_size,
+                    shuffle=self.shuffle,
+                    seed=self.seed,
+                    epoch=epoch,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    top_up=self.top_up,
+                ),
+            )
         return self._cache[1]
 
     def __iter__(self):

@@ -1,9 +1,10 @@
 """The vocabulary: which words are kept and in which order.
 
-Order (documented choice): by descending count over all splits, ties broken alphabetically. Unlike the reference,
-whose order is dict iteration order (first appearance in py3.7+, arbitrary in py2), this does not depend on the order
-of images in the input file, and frequent words get small indices. ``UNK`` is always appended last (index V), even
-when no word is rare, so that "UNK is the last index" holds for every model built on this vocabulary.
+Order (documented choice): by descending count over all splits, ties broken alphabetically. Unlike the
+reference, whose order is dict iteration order (first appearance in py3.7+, arbitrary in py2), this does not
+depend on the order of images in the input file, and frequent words get small indices. ``UNK`` is always
+appended last (index V), even when no word is rare, so that "UNK is the last index" holds for every model
+built on this vocabulary.
 """
 
 from __future__ import annotations

@@ -71,7 +71,10 @@ class LayerNorm(nn.Layer):
         mean = x.mean(axis=-1, keepdim=True)
         centered = x - mean
         n = x.shape[-1]
-        std = paddle.sqrt((centered * centered).sum(axis=-1, keepdim=True) / (n - 1))
+        var = (centered * centered).sum(axis=-1, keepdim=True) / (n - 1)
+        # Padded regions are all-zero rows (std 0). The clip gives them a zero gradient instead of 0 * inf = NaN,
+        # as PyTorch's std backward does; it changes no value for rows with variance above 1e-12.
+        std = paddle.sqrt(paddle.clip(var, min=1e-12))
         return self.a_2 * centered / (std + self.eps) + self.b_2
 
 

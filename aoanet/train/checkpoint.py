@@ -133,3 +133,29 @@ def load_model(directory, which: str = "best") -> tuple[AoAModel, dict]:
     load_state_dict_checked(model, state, str(path))
     model.eval()
     return model, meta["ix_to_word"]
+
+
+def portable_optimizer_state(model, optimizer) -> dict:
+    """Optimizer state keyed by structured parameter names (``embed.0.weight_moment1_0``), not by Paddle's
+    auto-generated ones (``embedding_2.w_0_…``), which differ between processes and model instances."""
+    names = sorted(((p.name, n) for n, p in model.named_parameters()), key=lambda x: -len(x[0]))
+    out = {}
+    for key, value in optimizer.state_dict().items():
+        for auto, structured in names:
+            if key.startswith(auto + "_"):
+                key = structured + key[len(auto):]
+                break
+        out[key] = value
+    return out
+
+
+def load_portable_optimizer_state(model, optimizer, state: dict) -> None:
+    names = sorted(((n, p.name) for n, p in model.named_parameters()), key=lambda x: -len(x[0]))
+    out = {}
+    for key, value in state.items():
+        for structured, auto in names:
+            if key.startswith(structured + "_"):
+                key = auto + key[len(structured):]
+                break
+        out[key] = value
+    optimizer.set_state_dict(out)

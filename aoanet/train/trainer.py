@@ -116,6 +116,9 @@ class Trainer:
             self._start_from(start_from)
         self.references = None
         self.writer = self._visualdl()
+        # run() starts from this RNG state, whatever is drawn between construction and run() (other models built,
+        # tests inspecting weights), so a fresh run and a resumed one draw the same numbers.
+        self._rng_at_start = rng_state()
 
     @staticmethod
     def model_width(cfg: Config) -> int:
@@ -131,7 +134,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path}: not a {self.stage} training state")
         weights = paddle.load(str(self.dir / ckpt.WEIGHTS["last"]))
         ckpt.load_state_dict_checked(self.model, weights, str(self.dir / ckpt.WEIGHTS["last"]))
-        self.optimizer.set_state_dict(paddle.load(str(self.dir / "optimizer.pdopt")))
+        ckpt.load_portable_optimizer_state(self.model, self.optimizer, paddle.load(str(self.dir / "optimizer.pdopt")))
         self.optimizer.set_lr(state["lr"])
         set_rng_state(state["rng"])
         self.state = state
@@ -147,7 +150,7 @@ class Trainer:
         ckpt.load_state_dict_checked(self.model, weights, str(src / ckpt.WEIGHTS["last"]))
         opt_path = src / "optimizer.pdopt"
         if opt_path.is_file():
-            self.optimizer.set_state_dict(paddle.load(str(opt_path)))
+            ckpt.load_portable_optimizer_state(self.model, self.optimizer, paddle.load(str(opt_path)))
         self.optimizer.set_lr(self.cfg.train.learning_rate)
 
     def save(self, best: bool):
@@ -158,7 +161,8 @@ class Trainer:
         ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["last"])
         if best:
             ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["best"])
-        ckpt.atomic_paddle_save(self.optimizer.state_dict(), self.dir / "optimizer.pdopt")
+        ckpt.atomic_paddle_save(ckpt.portable_optimizer_state(self.model, self.optimizer),
+                                self.dir / "optimizer.pdopt")
         self.state["rng"] = rng_state()
         self.state["lr"] = float(self.optimizer.get_lr())
         # state.json last: it is what --resume trusts, and it only points at files already in place
@@ -279,6 +283,7 @@ class Trainer:
             from aoanet.metrics.cider import CiderD
 
             self.scorer = CiderD.from_file(self.cfg.data.cached_tokens)
+        set_rng_state(self._rng_at_start)
         t, d = self.cfg.train, self.cfg.data
         step_fn = self.xe_step if self.stage == "xe" else self.scst_step
         loader = build_loader(self.data, split="train", batch_size=t.batch_size, shuffle=True, seed=t.seed,
@@ -369,7 +374,8 @@ class Trainer:
                 axes[1].plot(*zip(*pts), marker="o", label=key)
         axes[1].set_title("validation")
         axes[1].set_xlabel("iteration")
-        axes[1].legend()
+        if val:
+            axes[1].legend()
         fig.tight_layout()
         tmp = self.dir / ".curves.png.tmp"
         fig.savefig(tmp, format="png")

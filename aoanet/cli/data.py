@@ -1,0 +1,198 @@
+"""``aoanet-data``: the data pipeline commands (prepro, bu, ngrams, synth, check).
+
+The seed's script names in ``scripts/`` (prepro_labels.py, make_bu_data.py, prepro_ngrams.py) call these same
+commands, so the seed's underscore flags (``--input_json``, ``--output_h5 data/cocotalk`` ...) are accepted as
+aliases. A data error prints one clear message (file, image id, field) and exits with status 1, no traceback.
+"""
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from aoanet.data.errors import DataError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prepare captioning data in the reference formats, or generate the embedded dataset.",
+)
+
+
+def _report(fn):
+    """Turn DataError into a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DataError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    typer.echo(title)
+    for k, v in summary.items():
+        typer.echo(f"  {k:<22} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+def _label_h5_path(output_h5: Path) -> Path:
+    # The seed passes a prefix (`--output_h5 data/cocotalk` writes data/cocotalk_label.h5); a path ending in
+    # .h5 is taken as the file name itself.
+    return output_h5 if output_h5.suffix == ".h5" else output_h5.with_name(output_h5.name + "_label.h5")
+
+
+@app.command()
+@_report
+def prepro(
+    input_json: Path = typer.Option(
+        ..., "--input-json", "--input_json", help="Karpathy-style dataset_coco.json"
+    ),
+    output_json: Path = typer.Option("cocotalk.json", "--output-json", "--output_json"),
+    output_h5: Path = typer.Option(
+        "cocotalk_label.h5",
+        "--output-h5",
+        "--output_h5",
+        help="file name, or a prefix to which _label.h5 is appended (seed style)",
+    ),
+    word_count_threshold: int = typer.Option(
+        5,
+        "--word-count-threshold",
+        "--word_count_threshold",
+        help="keep words seen more than this many times",
+    ),
+    max_length: int = typer.Option(
+        16, "--max-length", "--max_length", help="label width; longer captions are cut"
+    ),
+):
+    """Build the vocabulary and cocotalk.json + cocotalk_label.h5 from dataset_coco.json."""
+    from aoanet.data.prepro import prepro_labels
+
+    summary = prepro_labels(
+        input_json, output_json, _label_h5_path(output_h5), word_count_threshold, max_length
+    )
+    _print_summary("prepro done", summary)
+
+
+@app.command()
+@_report
+def bu(
+    files: Optional[list[Path]] = typer.Argument(
+        None, help="more TSV files (after --tsv)", show_default=False
+    ),
+    tsv: Optional[list[Path]] = typer.Option(None, "--tsv", help="bottom-up TSV file(s)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="data dir: writes DIR/cocobu_att, cocobu_fc, cocobu_box"
+    ),
+    downloaded_feats: Optional[Path] = typer.Option(
+        None,
+        "--downloaded_feats",
+        "--downloaded-feats",
+        help="seed style: a directory whose *.tsv files are read",
+    ),
+    output_dir: Optional[Path] = typer.Option(
+        None,
+        "--output_dir",
+        "--output-dir",
+        help="seed style prefix: writes PREFIX_att, PREFIX_fc, PREFIX_box",
+    ),
+    feat_dim: Optional[int] = typer.Option(
+        None, "--feat-dim", help="expected feature width (default: first line)"
+    ),
+):
+    """Convert bottom-up-attention TSV files to cocobu_att/*.npz, cocobu_fc/*.npy, cocobu_box/*.npy."""
+    from aoanet.data.bottom_up import convert_tsv
+    from aoanet.data.features import feature_dirs
+
+    paths = list(tsv or []) + list(files or [])
+    if downloaded_feats is not None:
+        paths += sorted(downloaded_feats.glob("*.tsv"))
+    if not paths:
+        raise DataError("no TSV file given (use --tsv FILE..., or --downloaded_feats DIR)")
+    if (out is None) == (output_dir is None):
+        raise typer.BadParameter("give exactly one of --out DIR or --output_dir PREFIX")
+    if out is not None:
+        dirs = feature_dirs(out)
+    else:
+        dirs = tuple(output_dir.with_name(output_dir.name + s) for s in ("_att", "_fc", "_box"))
+    _print_summary("bu done", convert_tsv(paths, *dirs, feat_dim=feat_dim))
+
+
+@app.command()
+@_report
+def ngrams(
+    input_json: Path = typer.Option(
+        ..., "--input-json", "--input_json", help="Karpathy-style dataset_coco.json"
+    ),
+    dict_json: Path = typer.Option(..., "--dict-json", "--dict_json", help="cocotalk.json (the vocabulary)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output file, e.g. DIR/coco-train-ngrams.json.gz"),
+    output_pkl: Optional[Path] = typer.Option(
+        None,
+        "--output_pkl",
+        "--output-pkl",
+        help="seed style prefix: writes PREFIX-ngrams.json.gz (no pickle)",
+    ),
+    split: str = typer.Option("train", "--split", help="train (= train + restval), val, test or all"),
+):
+    """Document frequencies of the split's 1-4-grams (token ids, EOS appended) for the CIDEr-D reward."""
+    from aoanet.data.ngrams import prepro_ngrams
+
+    if (out is None) == (output_pkl is None):
+        raise typer.BadParameter("give exactly one of --out FILE or --output_pkl PREFIX")
+    target = out if out is not None else output_pkl.with_name(output_pkl.name + "-ngrams.json.gz")
+    _print_summary("ngrams done", prepro_ngrams(input_json, dict_json, target, split))
+
+
+@app.command()
+@_report
+def synth(
+    out: Path = typer.Option(..., "--out", help="output data dir"),
+    images: int = typer.Option(4000, "--images", help="number of images (all splits)"),
+    seed: int = typer.Option(123, "--seed"),
+    feat_dim: int = typer.Option(128, "--feat-dim", help="region feature width (att_feat_size)"),
+):
+    """Generate the embedded synthetic dataset: dataset_coco.json + cocobu_att/fc/box."""
+    from aoanet.data.synth import make_synth
+
+    _print_summary("synth done", make_synth(out, images=images, seed=seed, feat_dim=feat_dim))
+
+
+@app.command()
+@_report
+def check(
+    data_dir: Path = typer.Argument(..., help="prepared data dir"),
+    input_json: Optional[Path] = typer.Option(None, "--input-json", "--input_json"),
+    input_h5: Optional[Path] = typer.Option(None, "--input-h5", "--input_label_h5", "--input-label-h5"),
+    att_dir: Optional[Path] = typer.Option(None, "--att-dir", "--input_att_dir"),
+    fc_dir: Optional[Path] = typer.Option(None, "--fc-dir", "--input_fc_dir"),
+    box_dir: Optional[Path] = typer.Option(None, "--box-dir", "--input_box_dir"),
+    att_feat_size: Optional[int] = typer.Option(None, "--att-feat-size", "--att_feat_size"),
+    full: bool = typer.Option(False, "--full", help="decode every array (slower), not only the headers"),
+):
+    """Check json <-> h5 <-> feature files; list every problem, exit 1 if there is any."""
+    from aoanet.data.check import check_data_dir
+
+    problems, summary = check_data_dir(
+        data_dir, input_json, input_h5, att_dir, fc_dir, box_dir, att_feat_size, full
+    )
+    if problems:
+        for p in problems:
+            typer.echo(str(p))
+        typer.echo(f"{len(problems)} problem(s) found in {data_dir}", err=True)
+        raise typer.Exit(1)
+    _print_summary(f"{data_dir}: OK", summary)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of ``aoanet-data``; ``argv`` lets the seed-named scripts prepend their command."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="aoanet-data")
+
+
+if __name__ == "__main__":
+    main()

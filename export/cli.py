@@ -1,0 +1,53 @@
+"""``aoanet-export --checkpoint DIR --out EXPORT_DIR [--which best|last] [--opset 17] [--force]``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, help="Export an AoANet checkpoint to ONNX (with a manifest and a parity check)."
+)
+
+
+class Which(str, Enum):
+    best = "best"
+    last = "last"
+
+
+@app.command()
+def export_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint directory (model.json + weights)"),
+    out: Path = typer.Option(..., "--out", help="export directory to create"),
+    which: Which = typer.Option(Which.best, "--which", help="weights: best (falls back to last) or last"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset, 13..17"),
+    force: bool = typer.Option(
+        False, "--force", help="replace an existing export directory (only after success)"
+    ),
+) -> None:
+    """Trace the model's encoder and decoder step, convert them to ONNX, check parity, write the manifest."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from export import ExportError, export_checkpoint
+
+    try:
+        manifest = export_checkpoint(checkpoint, out, opset=opset, which=which.value, force=force)
+    except ExportError as e:
+        typer.echo(f"aoanet-export: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    figures = manifest["parity"]["max_abs_diff"]
+    typer.echo(
+        f"wrote {out} (opset {manifest['opset']}); max |diff| of log-probs: "
+        + json.dumps({name: figures[name]["logprobs"] for name in figures})
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""manifest.json: what the runtime needs besides the two graphs (vocabulary, special ids, sizes, decoding
+defaults), and what the export was made from and measured at (versions, hashes, parity)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from pathlib import Path
+
+from aoanet.model import AoAModel
+from export.errors import ExportError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ONNX_FILES = ("encoder.onnx", "decoder.onnx")
+
+# The authors' evaluation settings (aoanet-reference.md §4.2): beam 2, 20 steps, raw log-prob sums,
+# UNK suppressed.
+DECODING = {
+    "beam_size": 2,
+    "max_length": 20,
+    "length_penalty": "",
+    "suppress_unk": True,
+    "block_trigrams": False,
+    "remove_bad_endings": False,
+    "early_stop": True,
+}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import paddle
+    import paddle2onnx
+
+    import aoanet
+
+    return {
+        "aoanet": aoanet.__version__,
+        "paddle": paddle.__version__,
+        "paddle2onnx": paddle2onnx.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def build(
+    export_dir: Path,
+    model: AoAModel,
+    ix_to_word: dict,
+    opset: int,
+    graphs: dict,
+    static: dict,
+    parity: dict,
+    source: dict,
+) -> dict:
+    """The manifest of the files already in ``export_dir``.
+
+    graphs: {"encoder": {"inputs": [...], "outputs": [...]}, "decoder": {...}} as written by the conversion.
+    static: {"encoder": StaticFiles, "decoder": StaticFiles}.
+    """
+    export_dir = Path(export_dir)
+    v = model.vocab_size
+    o = model.options
+    files = {}
+    for name in ONNX_FILES:
+        path = export_dir / name
+        files[name] = {
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            **graphs[name.split(".")[0]],
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": "aoanet",
+        "ix_to_word": {str(k): w for k, w in ix_to_word.items()},
+        "bos_id": 0,
+        "eos_id": 0,
+        "pad_id": 0,
+        "unk_id": model.unk_idx,
+        "vocab_size": v,
+        "sizes": {
+            "vocab_size": v,
+            "num_classes": v + 1,
+            "rnn_size": o.rnn_size,
+            "att_feat_size": o.att_feat_size,
+            "input_encoding_size": o.input_encoding_size,
+            "num_heads": o.num_heads,
+            "refine_layers": o.refine_layers if o.refine else 0,
+            "state_layers": 2,
+        },
+        "model_options": o.to_dict(),
+        "decoding": dict(DECODING),
+        "opset": opset,
+        "versions": versions(),
+        "files": files,
+        "static": {
+            name: {
+                "format": f.format,
+                "model_file": f.model_file.relative_to(export_dir).as_posix(),
+                "params_file": f.params_file.relative_to(export_dir).as_posix(),
+            }
+            for name, f in static.items()
+        },
+        "parity": parity,
+        "source_checkpoint": source,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def load(export_dir: Path) -> dict:
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{export_dir} is not an export directory: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{path}: unknown format_version {manifest.get('format_version')!r} (expected {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def verify(export_dir: Path) -> dict:
+    """Load the manifest and check the hash of every file it lists; returns the manifest."""
+    manifest = load(export_dir)
+    for name, entry in manifest.get("files", {}).items():
+        path = Path(export_dir) / name
+        if not path.is_file():
+            raise ExportError(f"{export_dir}: {name} is listed in {MANIFEST} but missing")
+        if sha256_file(path) != entry.get("sha256"):
+            raise ExportError(f"{export_dir}: {name} does not match its sha256 in {MANIFEST}")
+    return manifest

@@ -1,0 +1,229 @@
+"""Parity of the export: Paddle dynamic graph vs Paddle static graph (paddle.inference) vs onnxruntime.
+
+Each backend encodes the same random features and runs ``steps`` chained decoder steps from the zero
+state, carrying its own state and encoder outputs forward; all three are fed the same tokens (the argmax of
+the dynamic graph's log-probs, BOS first), so differences accumulate as in a real decode. The cases cover one
+region, full and ragged masks, and a batch larger than the others. The export fails when the log-probs of
+either backend differ from the dynamic graph by more than ``LOGPROB_TOLERANCE`` (max absolute difference);
+the other outputs are reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import paddle
+
+from aoanet.model import AoAModel
+from export.static import StaticFiles, StaticPredictor
+
+LOGPROB_TOLERANCE = 1e-4
+STEPS = 20
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    regions: int
+    ragged: bool  # rows get between 1 and `regions` valid regions (the first row all of them)
+
+    def to_json(self) -> dict:
+        return {"batch": self.batch, "regions": self.regions, "ragged": self.ragged}
+
+
+# (1, 1): a single region; the last case has a batch larger than the others and many regions.
+DEFAULT_CASES = (Case(1, 1, False), Case(2, 5, False), Case(3, 10, True), Case(16, 37, True))
+
+OUTPUTS = ("mean_feats", "p_att_feats", "logprobs", "next_state_h", "next_state_c")
+BACKENDS = ("static", "onnx")
+
+
+def random_inputs(rng: np.random.Generator, case: Case, att_feat_size: int) -> tuple[np.ndarray, np.ndarray]:
+    # Bottom-up region features are non-negative (post-ReLU); a half-normal has their rough scale.
+    feats = np.abs(rng.standard_normal((case.batch, case.regions, att_feat_size))).astype(np.float32)
+    lengths = np.full(case.batch, case.regions)
+    if case.ragged:
+        lengths[1:] = rng.integers(1, case.regions + 1, size=case.batch - 1)
+    masks = (np.arange(case.regions)[None, :] < lengths[:, None]).astype(np.float32)
+    return feats, masks
+
+
+class DynamicBackend:
+    def __init__(self, model: AoAModel):
+        self.model = model
+
+    @paddle.no_grad()
+    def encode(self, feats, masks):
+        mean, p_att = self.model.encode(paddle.to_tensor(feats), paddle.to_tensor(masks))
+        return mean.numpy(), p_att.numpy()
+
+    @paddle.no_grad()
+    def step(self, it, h, c, mean, p_att, masks):
+        t = paddle.to_tensor
+        lp, (h, c) = self.model.step(t(it), (t(h), t(c)), t(mean), t(p_att), t(masks))
+        return lp.numpy(), h.numpy(), c.numpy()
+
+
+class StaticBackend:
+    def __init__(self, encoder: StaticFiles, decoder: StaticFiles, threads: int = 1):
+        self.encoder, self.decoder = StaticPredictor(encoder, threads), StaticPredictor(decoder, threads)
+
+    def encode(self, feats, masks):
+        return tuple(self.encoder({"att_feats": feats, "att_masks": masks}))
+
+    def step(self, it, h, c, mean, p_att, masks):
+        feeds = {
+            "it": it,
+            "state_h": h,
+            "state_c": c,
+            "mean_feats": mean,
+            "p_att_feats": p_att,
+            "att_masks": masks,
+        }
+        return tuple(self.decoder(feeds))
+
+
+def onnx_session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxBackend:
+    def __init__(self, encoder: Path, decoder: Path, threads: int = 1):
+        self.encoder, self.decoder = onnx_session(encoder, threads), onnx_session(decoder, threads)
+
+    def encode(self, feats, masks):
+        return tuple(
+            self.encoder.run(["mean_feats", "p_att_feats"], {"att_feats": feats, "att_masks": masks})
+        )
+
+    def step(self, it, h, c, mean, p_att, masks):
+        feeds = {
+            "it": it,
+            "state_h": h,
+            "state_c": c,
+            "mean_feats": mean,
+            "p_att_feats": p_att,
+            "att_masks": masks,
+        }
+        return tuple(self.decoder.run(["logprobs", "next_state_h", "next_state_c"], feeds))
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float("inf") if not np.all(np.isfinite(d)) else float(d.max(initial=0.0))
+
+
+def compare(reference, backends: dict, case: Case, feats, masks, steps: int = STEPS) -> dict:
+    """Run one case through the reference and every backend; max abs differences per backend and output."""
+    diffs = {name: dict.fromkeys(OUTPUTS, 0.0) for name in backends}
+    agree = dict.fromkeys(backends, 0)
+
+    def record(name, output, a, b):
+        diffs[name][output] = max(diffs[name][output], _max_abs(a, b))
+
+    ref_enc = reference.encode(feats, masks)
+    encs = {}
+    for name, backend in backends.items():
+        encs[name] = backend.encode(feats, masks)
+        for output, a, b in zip(("mean_feats", "p_att_feats"), encs[name], ref_enc, strict=True):
+            record(name, output, a, b)
+
+    shape = (2, case.batch, ref_enc[0].shape[1])
+    zeros = np.zeros(shape, np.float32)
+    ref_state = (zeros, zeros)
+    states = dict.fromkeys(backends, (zeros, zeros))
+    it = np.zeros(case.batch, np.int64)  # BOS
+    for _ in range(steps):
+        ref_lp, *ref_state = reference.step(it, *ref_state, *ref_enc, masks)
+        for name, backend in backends.items():
+            lp, h, c = backend.step(it, *states[name], *encs[name], masks)
+            states[name] = (h, c)
+            for output, a, b in zip(
+                ("logprobs", "next_state_h", "next_state_c"), (lp, h, c), (ref_lp, *ref_state), strict=True
+            ):
+                record(name, output, a, b)
+            agree[name] += int((lp.argmax(axis=1) == ref_lp.argmax(axis=1)).sum())
+        it = ref_lp.argmax(axis=1).astype(np.int64)
+    return {
+        **case.to_json(),
+        "lengths": masks.sum(axis=1).astype(int).tolist(),
+        "max_abs_diff": diffs,
+        "argmax_agreement": {name: agree[name] / (steps * case.batch) for name in backends},
+    }
+
+
+def run_parity(
+    model: AoAModel,
+    static: dict[str, StaticFiles],
+    onnx_files: dict[str, Path],
+    cases=DEFAULT_CASES,
+    steps: int = STEPS,
+    seed: int = 0,
+    tolerance: float = LOGPROB_TOLERANCE,
+    threads: int | None = None,
+) -> dict:
+    """The parity report (JSON-ready); ``report["passed"]``: are the log-probs within ``tolerance``?"""
+    start = time.perf_counter()
+    model.eval()
+    reference = DynamicBackend(model)
+    threads = threads or min(os.cpu_count() or 1, 4)
+    backends = {
+        "static": StaticBackend(static["encoder"], static["decoder"], threads),
+        "onnx": OnnxBackend(onnx_files["encoder"], onnx_files["decoder"], threads),
+    }
+    rng = np.random.default_rng(seed)
+    results = []
+    for case in cases:
+        feats, masks = random_inputs(rng, case, model.options.att_feat_size)
+        results.append(compare(reference, backends, case, feats, masks, steps))
+    overall = {
+        name: {out: max(r["max_abs_diff"][name][out] for r in results) for out in OUTPUTS}
+        for name in backends
+    }
+    # Gate on the log-probs (what decoding sees); a non-finite figure (NaN, wrong shape) anywhere fails too.
+    passed = all(overall[name]["logprobs"] <= tolerance for name in backends) and all(
+        np.isfinite(v) for figures in overall.values() for v in figures.values()
+    )
+    return {
+        "passed": passed,
+        "reference": "paddle dynamic graph",
+        "backends": {"static": "paddle.inference", "onnx": "onnxruntime CPUExecutionProvider"},
+        "tolerance": {"logprobs": tolerance},
+        "steps": steps,
+        "seed": seed,
+        # The gated figure: the worst log-prob difference of any backend from the dynamic graph.
+        "max_abs_diff_logprobs": max(overall[name]["logprobs"] for name in backends),
+        "max_abs_diff": overall,
+        "min_argmax_agreement": {
+            name: min(r["argmax_agreement"][name] for r in results) for name in backends
+        },
+        "cases": results,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def summary(report: dict) -> dict:
+    """The figures kept in the manifest (parity.json has the per-case details)."""
+    keys = ("passed", "tolerance", "steps", "max_abs_diff_logprobs", "max_abs_diff", "min_argmax_agreement")
+    return {**{k: report[k] for k in keys}, "cases": [[c["batch"], c["regions"]] for c in report["cases"]]}
+
+
+def describe(report: dict) -> str:
+    lines = []
+    for name in report["max_abs_diff"]:
+        figures = ", ".join(f"{out} {v:.2e}" for out, v in report["max_abs_diff"][name].items())
+        lines.append(f"{name} vs dynamic: {figures}")
+    return "; ".join(lines)

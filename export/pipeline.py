@@ -1,0 +1,147 @@
+"""checkpoint dir -> export dir: static graphs, ONNX graphs, parity check, manifest; all or nothing.
+
+Everything is written to a temporary directory next to the destination and renamed into place at the end, so a
+failed export (bad checkpoint, conversion error, parity beyond tolerance) leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from export import manifest as manifest_mod
+from export.errors import ExportError, ParityError
+from export.onnx_convert import check_opset, contract, convert, import_paddle2onnx
+from export.parity import LOGPROB_TOLERANCE, describe, run_parity, summary
+from export.static import save_static
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+def _weights_file(checkpoint_dir: Path, which: str) -> Path:
+    # Mirrors load_model's choice (best falls back to last when no validation ran), for the manifest.
+    from aoanet.train.checkpoint import WEIGHTS
+
+    path = checkpoint_dir / WEIGHTS[which]
+    if which == "best" and not path.is_file():
+        path = checkpoint_dir / WEIGHTS["last"]
+    return path
+
+
+def export_checkpoint(
+    checkpoint_dir,
+    out_dir,
+    opset: int = DEFAULT_OPSET,
+    which: str = "best",
+    force: bool = False,
+    *,
+    tolerance: float | None = None,
+) -> dict:
+    """Export a checkpoint directory to ``out_dir``; returns the manifest (also written as manifest.json).
+
+    Raises ExportError (ParityError when the graphs do not match the model) with ``out_dir`` untouched.
+    """
+    from aoanet.train.checkpoint import CheckpointError, load_model
+
+    start = time.perf_counter()
+    checkpoint_dir, out_dir = Path(checkpoint_dir).resolve(), Path(out_dir).resolve()
+    tolerance = LOGPROB_TOLERANCE if tolerance is None else tolerance
+    check_opset(opset)
+    if which not in ("best", "last"):
+        raise ExportError(f"which must be 'best' or 'last', got {which!r}")
+    if out_dir == checkpoint_dir or out_dir in checkpoint_dir.parents:
+        raise ExportError(f"the export directory {out_dir} would replace the checkpoint {checkpoint_dir}")
+    _check_destination(out_dir, force)
+    import_paddle2onnx()  # fail before the slow part
+
+    try:
+        model, ix_to_word = load_model(checkpoint_dir, which)
+    except CheckpointError as e:
+        raise ExportError(f"cannot load the checkpoint: {e}") from e
+    weights = _weights_file(checkpoint_dir, which)
+    log.info("loaded %s (vocabulary %d, rnn_size %d)", weights, model.vocab_size, model.options.rnn_size)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the export dir should be like any other
+    try:
+        log.info("tracing the static graphs")
+        static = save_static(model, tmp / "static")
+        o = model.options
+        specs = contract(model.vocab_size, o.rnn_size, o.att_feat_size)
+        graphs, onnx_files = {}, {}
+        for name, (inputs, outputs) in specs.items():
+            log.info("converting the %s to ONNX (opset %d)", name, opset)
+            onnx_files[name] = tmp / f"{name}.onnx"
+            graphs[name] = convert(static[name], onnx_files[name], opset, inputs, outputs)
+
+        log.info("checking parity: dynamic graph vs paddle.inference vs onnxruntime")
+        report = run_parity(model, static, onnx_files, tolerance=tolerance)
+        (tmp / "parity.json").write_text(json.dumps(report, indent=1))
+        log.info("parity: %s", describe(report))
+        if not report["passed"]:
+            raise ParityError(
+                f"the exported graphs do not reproduce the model: max |log-prob difference| "
+                f"above {tolerance:g} "
+                f"({describe(report)})",
+                report,
+            )
+
+        source = {
+            "path": str(checkpoint_dir),
+            "which": which,
+            "weights_file": weights.name,
+            "weights_sha256": manifest_mod.sha256_file(weights),
+        }
+        manifest = manifest_mod.build(tmp, model, ix_to_word, opset, graphs, static, summary(report), source)
+        manifest["export_seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / manifest_mod.MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        _move_into_place(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("export written to %s in %.1f s", out_dir, time.perf_counter() - start)
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise ExportError(f"{out_dir} exists and is not a directory")
+        if not force:
+            raise ExportError(f"{out_dir} already exists; pass --force (force=True) to replace it")
+        # --force replaces a previous export, not an arbitrary directory given by mistake.
+        if any(out_dir.iterdir()) and not (out_dir / manifest_mod.MANIFEST).is_file():
+            raise ExportError(
+                f"{out_dir} is not empty and is not an export directory (no {manifest_mod.MANIFEST}); "
+                "refusing to replace it even with --force"
+            )
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    _check_destination(out_dir, force)  # again: it may have appeared during the export
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.rename(out_dir, old / out_dir.name)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old / out_dir.name, out_dir)  # put the previous export back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,377 @@
+"""Captioning with the exported graphs and onnxruntime: ``Captioner.from_dir(EXPORT_DIR).caption(feats)``.
+
+The encoder runs once per batch of images; the decoder runs once per step over every live beam of the whole
+batch, driven by the shared numpy search (``runtime.beam``) exactly as ``AoAModel.decode`` drives the Paddle
+model: rows image-major (row ``b * K + k`` is beam ``k`` of image ``b``), encoder outputs repeated K times,
+zero state, BOS (0) first; ``beam_size == 1`` with ``greedy_unk`` is greedy decoding. Same inputs and weights,
+same captions, whichever backend.
+
+Imports numpy and onnxruntime only (never paddle, never the training package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.beam import DecodeResult, beam_search, greedy
+from runtime.features import FeatureError, batch_plan, pad_batch
+from runtime.vocab import bad_ending_ids, decode_sequence
+
+__all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "load_manifest"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSIONS = (1,)
+ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
+ENCODER_OUTPUTS = ["mean_feats", "p_att_feats"]
+DECODER_OUTPUTS = ["logprobs", "next_state_h", "next_state_c"]
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+# Measured with scripts/bench_infer.py on 2-core CPUs: intra-op threads = all cores with spinning OFF is the
+# fastest; with spinning ON two threads were 2x slower than one (the spinning thread steals the core that
+# numpy's search bookkeeping and the other sessions need between runs).
+DEFAULT_SPINNING = False
+
+_notified_cpu = False
+
+
+class ExportDirError(RuntimeError):
+    """An export directory the runtime refuses: missing or unreadable manifest, unknown format version,
+    missing or tampered model file (the message names the file)."""
+
+
+@dataclass
+class Captions:
+    """One entry per image, in input order.
+
+    captions: the words up to the first EOS (``runtime.vocab.decode_sequence``).
+    scores: float64 [B], the search's score (see ``runtime.beam.DecodeResult``).
+    seqs: int64 [B, max_length]; logprobs: float32 [B, max_length], the raw log-prob of each chosen token.
+    """
+
+    captions: list[str]
+    scores: np.ndarray
+    seqs: np.ndarray
+    logprobs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+# ------------------------------------------------------------------------------------------- export dir
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_manifest(export_dir: str | os.PathLike) -> dict:
+    """Read and check ``manifest.json`` of an export dir (format version and the fields the runtime uses)."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST
+    if not export_dir.is_dir():
+        raise ExportDirError(f"{export_dir}: export directory not found")
+    if not path.is_file():
+        raise ExportDirError(f"{export_dir} is not an export directory: {path} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportDirError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ExportDirError(f"{path} is not a JSON object")
+    version = manifest.get("format_version")
+    if version not in FORMAT_VERSIONS:
+        raise ExportDirError(
+            f"{path}: unknown format_version {version!r} (this runtime reads {', '.join(map(str, FORMAT_VERSIONS))}"
+            "); re-export the checkpoint with this version's aoanet-export, or upgrade the runtime"
+        )
+    missing = [k for k in ("ix_to_word", "unk_id", "vocab_size", "sizes", "files") if k not in manifest]
+    missing += [f"sizes.{k}" for k in ("rnn_size", "att_feat_size") if k not in manifest.get("sizes", {})]
+    missing += [f"files.{k}" for k in (ENCODER, DECODER) if k not in manifest.get("files", {})]
+    if missing:
+        raise ExportDirError(f"{path}: field(s) missing: {', '.join(missing)}")
+    return manifest
+
+
+def _read_model(export_dir: Path, manifest: dict, name: str, verify: bool) -> bytes:
+    """The bytes of one ONNX file, checked against the manifest's sha256 (the bytes checked are the bytes
+    loaded)."""
+    path = export_dir / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ExportDirError(f"{path} is missing (listed in {MANIFEST})") from None
+    except OSError as e:
+        raise ExportDirError(f"{path} cannot be read: {e}") from None
+    if verify:
+        want = manifest["files"][name].get("sha256")
+        got = _sha256(data)
+        if got != want:
+            raise ExportDirError(
+                f"{path} does not match its sha256 in {MANIFEST} (expected {want}, got {got}): the file was "
+                "modified or belongs to another export"
+            )
+    return data
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or default_threads())
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spin = DEFAULT_SPINNING if spinning is None else bool(spinning)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def choose_providers(providers: Sequence[str] | None) -> list[str]:
+    """CUDA when onnxruntime has it (CPU as fallback for unsupported ops), else CPU with a one-line notice."""
+    global _notified_cpu
+    available = ort.get_available_providers()
+    if providers is not None:
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise ValueError(f"execution provider(s) {unknown} not available; onnxruntime has {available}")
+        return list(providers)
+    if CUDA in available:
+        return [CUDA, CPU]
+    if not _notified_cpu:
+        log.warning("aoanet runtime: no CUDAExecutionProvider in this onnxruntime, running on the CPU")
+        _notified_cpu = True
+    return [CPU]
+
+
+# ------------------------------------------------------------------------------------------- captioner
+class Captioner:
+    """An encoder and a decoder session plus the manifest (vocabulary, sizes) of one export."""
+
+    def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, manifest: dict):
+        self.encoder, self.decoder, self.manifest = encoder, decoder, manifest
+        sizes = manifest["sizes"]
+        self.att_feat_size = int(sizes["att_feat_size"])
+        self.rnn_size = int(sizes["rnn_size"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self.unk_id = int(manifest["unk_id"])
+        self.ix_to_word = {str(k): w for k, w in manifest["ix_to_word"].items()}
+        self._bad_ending_ids = bad_ending_ids(self.ix_to_word)
+
+    @classmethod
+    def from_dir(
+        cls,
+        export_dir: str | os.PathLike,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        spinning: bool | None = None,
+        verify: bool = True,
+    ) -> Captioner:
+        """Load an export dir, refusing a missing manifest, an unknown format version and (``verify``) a model
+        file whose sha256 differs from the manifest's. ``threads``: intra-op threads per session (default:
+        the CPUs this process may use); ``providers``: default CUDA if available, else CPU."""
+        export_dir = Path(export_dir)
+        manifest = load_manifest(export_dir)
+        providers = choose_providers(providers)
+        options = session_options(threads, spinning)
+        sessions = []
+        for name in (ENCODER, DECODER):
+            data = _read_model(export_dir, manifest, name, verify)
+            try:
+                sessions.append(ort.InferenceSession(data, sess_options=options, providers=providers))
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ExportDirError(f"{export_dir / name}: onnxruntime cannot load it ({e})") from None
+        captioner = cls(sessions[0], sessions[1], manifest)
+        captioner.export_dir = export_dir
+        return captioner
+
+    @property
+    def providers(self) -> list[str]:
+        return self.decoder.get_providers()
+
+    # -------------------------------------------------------------------------------------- inputs
+    def _check_array(self, feats: np.ndarray, what: str) -> None:
+        if feats.ndim != 2:
+            raise FeatureError(f"{what}: expected a (regions, {self.att_feat_size}) array, got shape {feats.shape}")
+        if feats.shape[1] != self.att_feat_size:
+            raise FeatureError(
+                f"{what}: feature width {feats.shape[1]}, the model expects {self.att_feat_size} (att_feat_size)"
+            )
+        if feats.shape[0] < 1:
+            raise FeatureError(f"{what}: 0 regions; every image needs at least one")
+
+    def _check_finite(self, feats: np.ndarray, what: str) -> None:
+        if not np.isfinite(feats).all():
+            raise FeatureError(f"{what}: features contain NaN or infinite values")
+
+    def _prepare(self, att_feats, att_masks, batch_size: int) -> tuple[int, list[tuple]]:
+        """-> (number of images, [(positions, padded feats, masks), ...])."""
+        if isinstance(att_feats, np.ndarray) and att_feats.dtype != object:
+            if att_feats.ndim != 3:
+                raise FeatureError(
+                    f"att_feats must be [images, regions, {self.att_feat_size}] or a list of per-image "
+                    f"(regions, {self.att_feat_size}) arrays, got shape {att_feats.shape}"
+                )
+            b, n, width = att_feats.shape
+            if width != self.att_feat_size:
+                raise FeatureError(
+                    f"att_feats: feature width {width}, the model expects {self.att_feat_size} (att_feat_size)"
+                )
+            if b == 0:
+                return 0, []
+            if n == 0:
+                raise FeatureError("att_feats has 0 regions per image; every image needs at least one")
+            if att_masks is None:
+                att_masks = np.ones((b, n), dtype=np.float32)
+            att_masks = np.asarray(att_masks, dtype=np.float32)
+            if att_masks.shape != (b, n):
+                raise FeatureError(f"att_masks must have shape {(b, n)} (images, regions), got {att_masks.shape}")
+            empty = np.nonzero(att_masks.sum(axis=1) == 0)[0]
+            if empty.size:
+                raise FeatureError(f"image {int(empty[0])} has 0 regions (its att_masks row is all zeros)")
+            feats = np.asarray(att_feats, dtype=np.float32)
+            self._check_finite(feats, "att_feats")
+            batches = []
+            for start in range(0, b, batch_size):
+                pos = np.arange(start, min(start + batch_size, b))
+                batches.append((pos, feats[start : start + batch_size], att_masks[start : start + batch_size]))
+            return b, batches
+        if att_masks is not None:
+            raise FeatureError("att_masks is only for a padded [images, regions, width] array, not for a list")
+        images = [np.asarray(f) for f in att_feats]
+        for i, f in enumerate(images):
+            self._check_array(f, f"image {i}")
+            self._check_finite(f, f"image {i}")
+        batches = []
+        for pos in batch_plan([f.shape[0] for f in images], batch_size):
+            feats, masks = pad_batch([images[i] for i in pos])
+            batches.append((pos, feats, masks))
+        return len(images), batches
+
+    # -------------------------------------------------------------------------------------- graphs
+    def encode(self, att_feats: np.ndarray, att_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[B, N, F], [B, N] -> (mean_feats [B, R], p_att_feats [B, N, 2R])."""
+        mean_feats, p_att_feats = self.encoder.run(
+            ENCODER_OUTPUTS,
+            {"att_feats": np.ascontiguousarray(att_feats, np.float32), "att_masks": np.ascontiguousarray(att_masks, np.float32)},
+        )
+        return mean_feats, p_att_feats
+
+    def _step(self, it: np.ndarray, ctx: dict) -> tuple[np.ndarray, dict]:
+        logprobs, h, c = self.decoder.run(
+            DECODER_OUTPUTS,
+            {
+                "it": it,
+                "state_h": ctx["h"],
+                "state_c": ctx["c"],
+                "mean_feats": ctx["mean_feats"],
+                "p_att_feats": ctx["p_att_feats"],
+                "att_masks": ctx["att_masks"],
+            },
+        )
+        return logprobs, {**ctx, "h": h, "c": c}
+
+    @staticmethod
+    def _reorder(ctx: dict, index: np.ndarray) -> dict:
+        # Only the state moves: beams are reordered inside their image's block, whose encoder rows are equal.
+        return {**ctx, "h": ctx["h"][:, index], "c": ctx["c"][:, index]}
+
+    @staticmethod
+    def _keep(ctx: dict, index: np.ndarray) -> dict:
+        return {
+            "h": ctx["h"][:, index],
+            "c": ctx["c"][:, index],
+            "mean_feats": ctx["mean_feats"][index],
+            "p_att_feats": ctx["p_att_feats"][index],
+            "att_masks": ctx["att_masks"][index],
+        }
+
+    def decode(
+        self,
+        att_feats: np.ndarray,
+        att_masks: np.ndarray | None = None,
+        beam_size: int = 3,
+        max_length: int = 20,
+        greedy_unk: bool = True,
+        **options,
+    ) -> DecodeResult:
+        """One batch, padded: the onnxruntime twin of ``AoAModel.decode`` (same arguments, same result).
+
+        options: length_penalty, block_trigrams, bad_ending_ids, early_stop, suppress_unk.
+        """
+        att_feats = np.ascontiguousarray(att_feats, dtype=np.float32)
+        batch = att_feats.shape[0]
+        if att_masks is None:
+            att_masks = np.ones(att_feats.shape[:2], dtype=np.float32)
+        att_masks = np.ascontiguousarray(att_masks, dtype=np.float32)
+        mean_feats, p_att_feats = self.encode(att_feats, att_masks)
+        k = 1 if (beam_size == 1 and greedy_unk) else int(beam_size)
+        if k > 1:
+            mean_feats, p_att_feats, att_masks = (np.repeat(x, k, axis=0) for x in (mean_feats, p_att_feats, att_masks))
+        zeros = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
+        ctx = {"h": zeros, "c": zeros, "mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks}
+        if beam_size == 1 and greedy_unk:
+            greedy_options = {n: v for n, v in options.items() if n in ("block_trigrams", "bad_ending_ids")}
+            return greedy(self._step, ctx, batch, max_length=max_length, keep=self._keep, **greedy_options)
+        return beam_search(
+            self._step, self._reorder, self._keep, ctx, batch, k, max_length=max_length, unk_idx=self.unk_id, **options
+        )
+
+    def caption(
+        self,
+        att_feats: np.ndarray | Sequence[np.ndarray],
+        att_masks: np.ndarray | None = None,
+        beam_size: int = 3,
+        max_length: int = 20,
+        batch_size: int = 50,
+        *,
+        length_penalty: str = "",
+        block_trigrams: bool = False,
+        remove_bad_endings: bool = False,
+        greedy_unk: bool = True,
+        suppress_unk: bool = True,
+        early_stop: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Captions:
+        """Caption many images: ``att_feats`` is a padded float32 [B, N, F] array (with ``att_masks`` [B, N],
+        1 = region, default all ones) or a list of per-image (K_i, F) arrays, which are grouped by region count
+        into batches of ``batch_size`` and padded. Results are in input order.
+
+        Defaults are the authors' semantics (summed log-probs, UNK suppressed, no length penalty);
+        ``beam_size=1`` decodes greedily (``greedy_unk``, like AoAModel.decode). ``remove_bad_endings``: no EOS
+        right after a bad-ending word, and such words stripped from the caption's end (as the reference).
+        ``on_batch(n_images)`` is called after each batch (progress bars).
+        """
+        if int(beam_size) < 1 or int(max_length) < 1 or int(batch_size) < 1:
+            raise ValueError("beam_size, max_length and batch_size must be >= 1")
+        n_images, batches = self._prepare(att_feats, att_masks, int(batch_size))
+        seqs = np.zeros((n_images, max_length), dtype=np.int64)
+        scores = np.zeros(n_images, dtype=np.float64)
+        logprobs = np.zeros((n_images, max_length), dtype=np.float32)
+        options = {"block_trigrams": block_trigrams}
+        if remove_bad_endings:
+            options["bad_ending_ids"] = self._bad_ending_ids
+        if not (beam_size == 1 and greedy_unk):
+            options.update(length_penalty=length_penalty, early_stop=early_stop, suppress_unk=suppress_unk)
+        for pos, feats, masks in batches:
+            result = self.decode(feats, masks, beam_size, max_length, greedy_unk=greedy_unk, **options)
+            seqs[pos], scores[pos], logprobs[pos] = result.seqs, result.scores, result.logprobs
+            if on_batch is not None:
+                on_batch(len(pos))
+        captions = decode_sequence(self.ix_to_word, seqs, remove_bad_endings=remove_bad_endings)
+        return Captions(captions, scores, seqs, logprobs)

@@ -1,0 +1,202 @@
+"""``aoanet-infer``: caption a split (or a folder of feature files) into a COCO results JSON.
+
+    aoanet-infer --backend onnx   --model EXPORT_DIR     --features DATA_DIR [--split test] --out captions.json
+    aoanet-infer --backend paddle --checkpoint CKPT_DIR  --features DATA_DIR [--split test] --out captions.json
+
+Both backends list the images the same way, check every feature file's header before decoding, decode the
+same batches (grouped by region count) through the same search, and write the same JSON: one
+``{"image_id", "caption"}`` per image in the listing's order, written atomically (on any error, nothing is
+written). ``--backend paddle`` is the only place that imports the training package, lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from runtime.features import FeatureError, ImageFile, batch_plan, list_images, pad_batch, read_features, region_count
+from runtime.vocab import bad_ending_ids, decode_sequence
+
+app = typer.Typer(add_completion=False, help="Caption images from their region features (AoANet).")
+
+
+class Backend(str, Enum):
+    onnx = "onnx"
+    paddle = "paddle"
+
+
+class InferError(RuntimeError):
+    pass
+
+
+class OnnxBackend:
+    def __init__(self, export_dir: Path, threads: int | None):
+        from runtime.captioner import Captioner, ExportDirError
+
+        try:
+            self.captioner = Captioner.from_dir(export_dir, threads=threads)
+        except ExportDirError as e:
+            raise InferError(str(e)) from None
+        self.width = self.captioner.att_feat_size
+        self.ix_to_word = self.captioner.ix_to_word
+        self.decode = self.captioner.decode
+
+
+class PaddleBackend:
+    """The checkpoint's model in Paddle's dynamic graph, through ``AoAModel.decode`` (same search)."""
+
+    def __init__(self, checkpoint: Path, which: str, threads: int | None):
+        try:
+            import aoanet  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before Paddle is imported)
+            import paddle
+            from aoanet.train.checkpoint import CheckpointError, load_model
+        except ImportError as e:
+            raise InferError(f"--backend paddle needs Paddle and the aoanet package ({e})") from None
+        self.paddle = paddle
+        try:
+            paddle.base.core.set_num_threads(int(threads or os.cpu_count() or 1))
+        except AttributeError:  # an older Paddle
+            pass
+        try:
+            self.model, self.ix_to_word = load_model(checkpoint, which)
+        except (CheckpointError, ValueError, OSError) as e:
+            raise InferError(f"cannot load the checkpoint: {e}") from None
+        self.width = self.model.options.att_feat_size
+
+    def decode(self, att_feats, att_masks, beam_size, max_length, **options):
+        t = self.paddle.to_tensor
+        return self.model.decode(t(att_feats), t(att_masks), beam_size=beam_size, max_length=max_length, **options)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def caption_images(
+    backend,
+    images: list[ImageFile],
+    beam_size: int,
+    max_length: int,
+    batch_size: int,
+    options: dict,
+    remove_bad_endings: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """COCO results for ``images`` (listing order); feature files are read one batch ahead on a thread."""
+    counts = [region_count(img, backend.width) for img in images]  # fail fast, before any decoding
+    plan = batch_plan(counts, batch_size)
+    seqs = np.zeros((len(images), max_length), dtype=np.int64)
+
+    def load(pos):
+        return pad_batch([read_features(images[i], backend.width) for i in pos])
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images), unit="img", desc="captioning", file=sys.stderr)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, plan[0])
+            for i, pos in enumerate(plan):
+                att_feats, att_masks = pending.result()
+                if i + 1 < len(plan):
+                    pending = pool.submit(load, plan[i + 1])
+                result = backend.decode(att_feats, att_masks, beam_size, max_length, **options)
+                seqs[pos] = result.seqs
+                if bar is not None:
+                    bar.update(len(pos))
+    finally:
+        if bar is not None:
+            bar.close()
+    captions = decode_sequence(backend.ix_to_word, seqs, remove_bad_endings=remove_bad_endings)
+    return [{"image_id": img.image_id, "caption": cap} for img, cap in zip(images, captions, strict=True)]
+
+
+@app.command()
+def infer(
+    out: Path = typer.Option(..., "--out", help="COCO results JSON to write: [{image_id, caption}]"),
+    features: Optional[Path] = typer.Option(
+        None, "--features", help="data dir (cocotalk.json + cocobu_att/) or a folder of <id>.npz / <id>.npy"
+    ),
+    backend: Backend = typer.Option(Backend.onnx, "--backend", help="onnx (onnxruntime) or paddle"),
+    model: Optional[Path] = typer.Option(None, "--model", help="export directory (--backend onnx)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint dir (--backend paddle)"),
+    which: str = typer.Option("best", "--which", help="checkpoint weights: best | last (--backend paddle)"),
+    split: str = typer.Option("test", "--split", help="train | val | test | restval | all (cocotalk.json only)"),
+    input_json: Optional[Path] = typer.Option(None, "--input-json", help="instead of DATA_DIR/cocotalk.json"),
+    att_dir: Optional[Path] = typer.Option(None, "--att-dir", help="instead of DATA_DIR/cocobu_att"),
+    beam_size: int = typer.Option(3, "--beam-size", min=1, help="1 = greedy"),
+    batch_size: int = typer.Option(50, "--batch-size", min=1, help="images per encoder run / beam batch"),
+    max_length: int = typer.Option(20, "--max-length", min=1),
+    length_penalty: str = typer.Option("", "--length-penalty", help="'' (authors'), wu_<alpha> or avg_<alpha>"),
+    block_trigrams: bool = typer.Option(False, "--block-trigrams"),
+    remove_bad_endings: bool = typer.Option(False, "--remove-bad-endings"),
+    num_images: int = typer.Option(-1, "--num-images", help="caption only the first N images (-1: all)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="compute threads (default: all CPUs)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Caption the images of a split; prints the throughput (images/s) at the end."""
+    try:
+        if features is None and input_json is None and att_dir is None:
+            raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
+        images = list_images(features, split, input_json=input_json, att_dir=att_dir)
+        if num_images >= 0:
+            images = images[:num_images]
+        if not images:
+            raise InferError("no images to caption")
+        if backend is Backend.onnx:
+            if model is None:
+                raise InferError("--backend onnx needs --model EXPORT_DIR")
+            engine = OnnxBackend(model, threads)
+        else:
+            if checkpoint is None:
+                raise InferError("--backend paddle needs --checkpoint CHECKPOINT_DIR")
+            engine = PaddleBackend(checkpoint, which, threads)
+        options: dict = {"block_trigrams": block_trigrams}
+        if remove_bad_endings:
+            options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
+        if length_penalty:
+            options["length_penalty"] = length_penalty
+        start = time.perf_counter()
+        results = caption_images(
+            engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress
+        )
+        seconds = time.perf_counter() - start
+        write_json_atomic(out, results)
+    except (InferError, FeatureError, ValueError) as e:
+        typer.echo(f"aoanet-infer: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"wrote {len(results)} captions to {out} ({backend.value}, beam {beam_size}): "
+        f"{len(results) / seconds:.2f} images/s ({seconds:.1f} s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv)
+
+
+if __name__ == "__main__":
+    main()

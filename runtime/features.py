@@ -1,0 +1,224 @@
+"""Region features for the runtime: finding the images to caption, reading and checking their files, batching.
+
+Two layouts are read:
+
+* the reference's (``aoanet-reference.md`` §2.3): ``DATA_DIR/cocotalk.json`` lists the images (``id``,
+  ``split``) and ``DATA_DIR/cocobu_att/<id>.npz`` holds each one's regions (key ``feat``, (K, F) float32);
+* a plain folder of ``<id>.npz`` (key ``feat``) or ``<id>.npy`` files, one (K, F) array per image.
+
+Only numpy here (the runtime never imports the training package). Every error is a ``FeatureError`` naming the
+file and the image id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INPUT_JSON = "cocotalk.json"
+ATT_DIR = "cocobu_att"
+FEAT_KEY = "feat"
+SPLITS = ("train", "val", "test", "restval", "all")
+
+
+class FeatureError(ValueError):
+    """Missing, unreadable or malformed region features (the message names the file and the image id)."""
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    image_id: int | str  # an int when the id is numeric (COCO), else the file's stem
+    path: Path
+
+
+# ---------------------------------------------------------------------------------------------- listing
+def _image_id(stem: str) -> int | str:
+    return int(stem) if stem.isdigit() else stem
+
+
+def _in_split(img_split: str, split: str) -> bool:
+    # The training side's rule: "train" includes restval.
+    return split == "all" or img_split == split or (split == "train" and img_split == "restval")
+
+
+def list_images(
+    data_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    input_json: str | os.PathLike | None = None,
+    att_dir: str | os.PathLike | None = None,
+) -> list[ImageFile]:
+    """The images to caption, in a fixed order.
+
+    With ``input_json`` (or ``DATA_DIR/cocotalk.json`` present): the images of ``split`` in the json's order,
+    features in ``att_dir`` (default ``DATA_DIR/cocobu_att``, or ``cocobu_att`` next to the json).
+    Otherwise ``data_dir`` (or ``att_dir``) is a plain folder of ``<id>.npz`` / ``<id>.npy``, taken whole
+    (``split`` does not apply), sorted by id.
+    """
+    if split not in SPLITS:
+        raise FeatureError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    data = Path(data_dir) if data_dir is not None else None
+    if input_json is None and data is not None and (data / INPUT_JSON).is_file():
+        input_json = data / INPUT_JSON
+    if input_json is not None:
+        input_json = Path(input_json)
+        if att_dir is None:
+            att_dir = (data if data is not None else input_json.parent) / ATT_DIR
+        return _list_from_json(input_json, Path(att_dir), split)
+    folder = Path(att_dir) if att_dir is not None else data
+    if folder is None:
+        raise FeatureError("give a data directory (or --input-json / --att-dir)")
+    return _list_folder(folder)
+
+
+def _list_from_json(input_json: Path, att_dir: Path, split: str) -> list[ImageFile]:
+    try:
+        info = json.loads(input_json.read_text())
+    except FileNotFoundError:
+        raise FeatureError(f"{input_json}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatureError(f"{input_json}: cannot read it as JSON ({e})") from None
+    images = info.get("images") if isinstance(info, dict) else None
+    if not isinstance(images, list):
+        raise FeatureError(f"{input_json}: no 'images' list (is it a cocotalk.json?)")
+    if not att_dir.is_dir():
+        raise FeatureError(f"{att_dir}: feature directory not found (the {ATT_DIR}/ of {input_json})")
+    out, seen_splits = [], set()
+    for pos, img in enumerate(images):
+        if not isinstance(img, dict) or "id" not in img or "split" not in img:
+            raise FeatureError(f"{input_json}: image #{pos} has no 'id' or 'split'")
+        seen_splits.add(img["split"])
+        if _in_split(img["split"], split):
+            image_id = _image_id(str(img["id"]))
+            out.append(ImageFile(image_id, att_dir / f"{img['id']}.npz"))
+    if not out:
+        raise FeatureError(
+            f"{input_json}: split {split!r} has no images (splits present: {', '.join(sorted(seen_splits))})"
+        )
+    return out
+
+
+def _list_folder(folder: Path) -> list[ImageFile]:
+    if not folder.is_dir():
+        raise FeatureError(f"{folder}: directory not found")
+    by_id: dict[str, Path] = {}
+    for path in folder.iterdir():
+        if path.suffix not in (".npz", ".npy") or not path.is_file():
+            continue
+        if path.stem in by_id:
+            raise FeatureError(
+                f"{folder}: image id {path.stem} has two feature files ({by_id[path.stem].name}, {path.name})"
+            )
+        by_id[path.stem] = path
+    if not by_id:
+        raise FeatureError(f"{folder}: no {INPUT_JSON}, and no <id>.npz / <id>.npy feature files")
+    # Numeric ids in numeric order, then the others by name.
+    stems = sorted(by_id, key=lambda s: (0, int(s), "") if s.isdigit() else (1, 0, s))
+    return [ImageFile(_image_id(s), by_id[s]) for s in stems]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _where(path: Path, image_id) -> str:
+    return f"{path} (image id {image_id})"
+
+
+def _check_shape(shape, dtype, where: str, width: int | None) -> int:
+    if len(shape) != 2:
+        raise FeatureError(f"{where}: features must be 2-D (regions, width), got shape {tuple(shape)}")
+    if shape[0] < 1:
+        raise FeatureError(f"{where}: 0 regions (shape {tuple(shape)}); every image needs at least one")
+    if width is not None and shape[1] != width:
+        raise FeatureError(f"{where}: feature width {shape[1]}, the model expects {width}")
+    if not np.issubdtype(dtype, np.floating):
+        raise FeatureError(f"{where}: features have dtype {dtype}, expected float32")
+    return int(shape[0])
+
+
+def _header(f) -> tuple[tuple, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read(f)
+    return shape, dtype
+
+
+def region_count(image: ImageFile, width: int | None = None) -> int:
+    """The region count of an image's file, from its header only (no decompression); checks the file is
+    there, has the right key, shape and width. Fast enough to check a whole split before decoding."""
+    path, where = image.path, _where(image.path, image.image_id)
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as z:
+                if f"{FEAT_KEY}.npy" not in z.namelist():
+                    names = ", ".join(n.removesuffix(".npy") for n in z.namelist()) or "nothing"
+                    raise FeatureError(f"{where}: no array '{FEAT_KEY}' in the npz (has: {names})")
+                with z.open(f"{FEAT_KEY}.npy") as f:
+                    shape, dtype = _header(f)
+        else:
+            with open(path, "rb") as f:
+                shape, dtype = _header(f)
+    except FileNotFoundError:
+        raise FeatureError(f"{where}: feature file missing") from None
+    except FeatureError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise FeatureError(f"{where}: cannot read the feature file ({type(e).__name__}: {e})") from None
+    return _check_shape(shape, dtype, where, width)
+
+
+def read_features(image: ImageFile, width: int | None = None) -> np.ndarray:
+    """The (K, F) float32 regions of one image, checked: readable, key ``feat`` (npz), 2-D, K >= 1, F ==
+    ``width`` (when given), finite."""
+    path, where = image.path, _where(image.path, image.image_id)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                if FEAT_KEY not in npz.files:
+                    names = ", ".join(npz.files) or "nothing"
+                    raise FeatureError(f"{where}: no array '{FEAT_KEY}' in the npz (has: {names})")
+                feat = npz[FEAT_KEY]
+        else:
+            feat = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FeatureError(f"{where}: feature file missing") from None
+    except FeatureError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise FeatureError(f"{where}: cannot read the feature file ({type(e).__name__}: {e})") from None
+    if not isinstance(feat, np.ndarray):
+        raise FeatureError(f"{where}: not an array")
+    _check_shape(feat.shape, feat.dtype, where, width)
+    feat = np.asarray(feat, dtype=np.float32)
+    if not np.isfinite(feat).all():
+        raise FeatureError(f"{where}: features contain NaN or infinite values")
+    return feat
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def batch_plan(region_counts: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Split images into batches of at most ``batch_size``, grouping similar region counts (stable sort, most
+    regions first) so that padding wastes little; each batch is an int64 array of positions. Both backends of
+    ``aoanet-infer`` decode the same batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    counts = np.asarray(region_counts, dtype=np.int64)
+    order = np.argsort(-counts, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+
+
+def pad_batch(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (K_i, F) arrays -> (att_feats float32 [B, max K, F] zero-padded, att_masks float32 [B, max K])."""
+    if len(feats) == 0:
+        raise ValueError("pad_batch needs at least one image")
+    n = max(f.shape[0] for f in feats)
+    width = feats[0].shape[1]
+    att = np.zeros((len(feats), n, width), dtype=np.float32)
+    mask = np.zeros((len(feats), n), dtype=np.float32)
+    for i, f in enumerate(feats):
+        att[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = 1.0
+    return att, mask

@@ -1,0 +1,366 @@
+"""aoanet-export: a small random model through static graph and ONNX; manifest, parity and failure modes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import paddle
+import pytest
+
+from aoanet.model import build_model
+from aoanet.train.checkpoint import atomic_paddle_save, load_model, write_model_json
+from export import ExportError, ParityError, export_checkpoint, parity
+from export import manifest as manifest_mod
+from export.onnx_convert import _rename_outputs, contract, convert
+from export.static import StaticFiles, _saved_files
+
+V = 30
+R, E, F = 32, 32, 24
+SMALL = dict(rnn_size=R, input_encoding_size=E, att_feat_size=F, num_heads=4, refine_layers=2)
+
+
+def make_checkpoint(directory: Path, seed: int = 0, weights_options: dict | None = None) -> Path:
+    """A checkpoint dir of a random small model; ``weights_options``: save the weights of another model."""
+    paddle.seed(seed)
+    model = build_model(V, **SMALL)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_model_json(directory, model, {i: ("UNK" if i == V else f"w{i}") for i in range(1, V + 1)})
+    weights = build_model(V, **{**SMALL, **weights_options}) if weights_options else model
+    atomic_paddle_save(weights.state_dict(), directory / "model.pdparams")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "run")
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("export") / "aoanet"
+    return out, export_checkpoint(checkpoint, out, opset=17)
+
+
+def dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def dtype(value) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+
+
+# ---------------------------------------------------------------------------- the files
+def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
+    out, _ = exported
+    expected = {
+        "encoder": (
+            [
+                ("att_feats", "float32", ["batch", "regions", F]),
+                ("att_masks", "float32", ["batch", "regions"]),
+            ],
+            [
+                ("mean_feats", "float32", ["batch", R]),
+                ("p_att_feats", "float32", ["batch", "regions", 2 * R]),
+            ],
+        ),
+        "decoder": (
+            [
+                ("it", "int64", ["batch"]),
+                ("state_h", "float32", [2, "batch", R]),
+                ("state_c", "float32", [2, "batch", R]),
+                ("mean_feats", "float32", ["batch", R]),
+                ("p_att_feats", "float32", ["batch", "regions", 2 * R]),
+                ("att_masks", "float32", ["batch", "regions"]),
+            ],
+            [
+                ("logprobs", "float32", ["batch", V + 1]),
+                ("next_state_h", "float32", [2, "batch", R]),
+                ("next_state_c", "float32", [2, "batch", R]),
+            ],
+        ),
+    }
+    for name, (inputs, outputs) in expected.items():
+        model = onnx.load(str(out / f"{name}.onnx"))
+        onnx.checker.check_model(model, full_check=True)
+        assert [(v.name, dtype(v), dims(v)) for v in model.graph.input] == inputs
+        assert [(v.name, dtype(v), dims(v)) for v in model.graph.output] == outputs
+        assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 17
+        produced = {x for node in model.graph.node for x in node.output}
+        assert all(o.name in produced for o in model.graph.output)
+        assert not any(x.startswith("fetch_name") for node in model.graph.node for x in node.output)
+
+
+def test_manifest_fields_and_hashes(exported, checkpoint):
+    out, manifest = exported
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["format_version"] == 1 and manifest["model"] == "aoanet"
+    assert manifest["ix_to_word"] == json.loads((checkpoint / "model.json").read_text())["ix_to_word"]
+    assert manifest["ix_to_word"][str(V)] == "UNK"
+    assert (manifest["bos_id"], manifest["eos_id"], manifest["pad_id"], manifest["unk_id"]) == (0, 0, 0, V)
+    assert manifest["vocab_size"] == V
+    sizes = manifest["sizes"]
+    assert (sizes["rnn_size"], sizes["input_encoding_size"], sizes["att_feat_size"]) == (R, E, F)
+    assert (sizes["num_heads"], sizes["refine_layers"], sizes["num_classes"]) == (4, 2, V + 1)
+    decoding = manifest["decoding"]
+    assert decoding["beam_size"] == 2 and decoding["max_length"] == 20
+    assert decoding["length_penalty"] == "" and decoding["suppress_unk"] is True
+    assert manifest["opset"] == 17
+    assert set(manifest["versions"]) >= {"paddle", "paddle2onnx", "onnx", "onnxruntime"}
+    assert manifest["versions"]["paddle2onnx"] == "2.1.0"
+    assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+        assert entry["bytes"] == (out / name).stat().st_size
+    assert [t["name"] for t in manifest["files"]["decoder.onnx"]["outputs"]] == [
+        "logprobs",
+        "next_state_h",
+        "next_state_c",
+    ]
+    src = manifest["source_checkpoint"]
+    assert src["path"] == str(checkpoint.resolve()) and src["which"] == "best"
+    assert src["weights_file"] == "model.pdparams"  # no model-best.pdparams: falls back to the last weights
+    assert manifest["parity"]["passed"] is True
+    assert manifest_mod.verify(out) == manifest
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decoder.onnx",
+        "encoder.onnx",
+        "manifest.json",
+        "parity.json",
+        "static",
+    ]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary dir left
+
+
+def test_verify_detects_a_changed_file(exported, tmp_path):
+    out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "decoder.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="decoder.onnx does not match its sha256"):
+        manifest_mod.verify(copy)
+
+
+def test_static_graphs_load_in_paddle_inference(exported):
+    out, manifest = exported
+    from paddle import inference
+
+    for name, inputs in (
+        ("encoder", ["att_feats", "att_masks"]),
+        ("decoder", ["it", "state_h", "state_c", "mean_feats", "p_att_feats", "att_masks"]),
+    ):
+        entry = manifest["static"][name]
+        assert entry["format"] == "pir" and entry["model_file"] == f"static/{name}.json"
+        config = inference.Config(str(out / entry["model_file"]), str(out / entry["params_file"]))
+        config.disable_glog_info()
+        assert list(inference.create_predictor(config).get_input_names()) == inputs
+
+
+# ---------------------------------------------------------------------------- parity
+def test_parity_report_within_tolerance(exported):
+    out, manifest = exported
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True and report["steps"] == 20
+    assert report["tolerance"]["logprobs"] == 1e-4
+    shapes = [(c["batch"], c["regions"]) for c in report["cases"]]
+    assert (1, 1) in shapes
+    assert any(c["ragged"] and len(set(c["lengths"])) > 1 for c in report["cases"])
+    for backend in ("static", "onnx"):
+        figures = report["max_abs_diff"][backend]
+        assert set(figures) == {"mean_feats", "p_att_feats", "logprobs", "next_state_h", "next_state_c"}
+        assert figures["logprobs"] <= 1e-4
+        assert max(figures.values()) < 1e-4
+        assert report["min_argmax_agreement"][backend] == 1.0
+    assert manifest["parity"]["max_abs_diff"] == report["max_abs_diff"]
+    assert report["max_abs_diff_logprobs"] == max(
+        report["max_abs_diff"][b]["logprobs"] for b in ("static", "onnx")
+    )
+    assert manifest["parity"]["max_abs_diff_logprobs"] == report["max_abs_diff_logprobs"]
+
+
+def test_onnxruntime_and_static_at_a_new_shape(exported, checkpoint):
+    """A batch and region count not used at export (nor in its parity cases), ragged masks, 20 steps."""
+    out, manifest = exported
+    used = {(c[0], c[1]) for c in manifest["parity"]["cases"]}
+    case = parity.Case(batch=21, regions=53, ragged=True)
+    assert (case.batch, case.regions) not in used and case.batch > max(b for b, _ in used)
+    model, _ = load_model(checkpoint)
+    feats, masks = parity.random_inputs(np.random.default_rng(7), case, F)
+    backends = {
+        "onnx": parity.OnnxBackend(out / "encoder.onnx", out / "decoder.onnx"),
+        "static": parity.StaticBackend(
+            *(
+                StaticFiles(out / f"static/{n}.json", out / f"static/{n}.pdiparams")
+                for n in ("encoder", "decoder")
+            )
+        ),
+    }
+    result = parity.compare(parity.DynamicBackend(model), backends, case, feats, masks, steps=20)
+    for backend in backends:
+        assert max(result["max_abs_diff"][backend].values()) <= 1e-4, result["max_abs_diff"]
+        assert result["argmax_agreement"][backend] == 1.0
+
+
+# ---------------------------------------------------------------------------- failures
+def test_corrupted_checkpoint(checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    data = (bad / "model.pdparams").read_bytes()
+    (bad / "model.pdparams").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="could not be read as Paddle weights"):
+        export_checkpoint(bad, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_mismatched_checkpoint(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", weights_options=dict(rnn_size=16, input_encoding_size=16))
+    with pytest.raises(ExportError, match="mis-shaped") as info:
+        export_checkpoint(ckpt, tmp_path / "out")
+    assert "[24, 16]" in str(info.value)  # att_embed.0.weight of the other model
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_paddle2onnx(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "paddle2onnx", None)  # makes `import paddle2onnx` raise ImportError
+    with pytest.raises(ExportError, match="paddle2onnx is not installed"):
+        export_checkpoint(checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_does_not_replace_a_foreign_directory_or_the_checkpoint(checkpoint, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not an export")
+    with pytest.raises(ExportError, match="not an export directory"):
+        export_checkpoint(checkpoint, foreign, force=True)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    for out in (checkpoint, checkpoint.parent):
+        with pytest.raises(ExportError, match="would replace the checkpoint"):
+            export_checkpoint(checkpoint, out, force=True)
+    assert (checkpoint / "model.pdparams").is_file()
+
+
+def test_paddle2onnx_failure_is_an_export_error(tmp_path):
+    """paddle2onnx logs conversion errors and calls sys.exit(-1); that must not end the process."""
+    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "m.pdiparams").write_bytes(b"x")
+    inputs, outputs = contract(V, R, F)["encoder"]
+    files = StaticFiles(tmp_path / "m.json", tmp_path / "m.pdiparams")
+    with pytest.raises(ExportError, match="paddle2onnx could not convert m.json at opset 17"):
+        convert(files, tmp_path / "m.onnx", 17, inputs, outputs)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_arguments(checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="opset"):
+        export_checkpoint(checkpoint, tmp_path / "out", opset=7)
+    with pytest.raises(ExportError, match="which"):
+        export_checkpoint(checkpoint, tmp_path / "out", which="newest")
+    with pytest.raises(ExportError, match="model.json is missing"):
+        export_checkpoint(tmp_path, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_out_dir_is_refused_and_untouched(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_checkpoint(checkpoint, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (
+        out / "keep.txt"
+    ).read_text() == "previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_parity_leaves_no_out_dir(checkpoint, tmp_path, monkeypatch):
+    step = parity.OnnxBackend.step
+
+    def corrupted(self, *args):
+        logprobs, h, c = step(self, *args)
+        return logprobs + np.float32(2e-4), h, c
+
+    monkeypatch.setattr(parity.OnnxBackend, "step", corrupted)
+    with pytest.raises(ParityError, match="log-prob") as info:
+        export_checkpoint(checkpoint, tmp_path / "out")
+    assert info.value.report["passed"] is False
+    assert info.value.report["max_abs_diff"]["onnx"]["logprobs"] > 1e-4
+    assert info.value.report["max_abs_diff"]["static"]["logprobs"] <= 1e-4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_parity_with_force_keeps_the_previous_export(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("previous export")
+    with pytest.raises(ParityError):
+        export_checkpoint(checkpoint, out, force=True, tolerance=-1.0)
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
+    assert (out / "manifest.json").read_text() == "previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------------------- the command
+def test_cli_replaces_with_force_at_another_opset(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from export.cli import app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # a previous export
+    (out / "stale.txt").write_text("x")
+    runner = CliRunner()
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--which", "last", "--opset", "13"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "already exists" in refused.output
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert "max |diff| of log-probs" in result.output
+    assert not (out / "stale.txt").exists()
+    manifest = manifest_mod.verify(out)
+    assert manifest["opset"] == 13 and manifest["source_checkpoint"]["which"] == "last"
+    model = onnx.load(str(out / "decoder.onnx"))
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 13
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------------------- helpers
+def test_saved_files_accepts_both_paddle_formats(tmp_path):
+    for suffix, fmt in ((".json", "pir"), (".pdmodel", "pdmodel")):
+        d = tmp_path / fmt
+        d.mkdir()
+        (d / f"encoder{suffix}").write_bytes(b"")
+        (d / "encoder.pdiparams").write_bytes(b"")
+        files = _saved_files(d / "encoder")
+        assert files.format == fmt and files.model_file.name == f"encoder{suffix}"
+    with pytest.raises(ExportError, match="wrote nothing"):
+        _saved_files(tmp_path / "decoder")
+
+
+def test_rename_outputs_handles_passthrough_and_consumers():
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = h.make_tensor_value_info("fetch_name_0", onnx.TensorProto.FLOAT, [1])
+    z = h.make_tensor_value_info("fetch_name_1", onnx.TensorProto.FLOAT, [1])
+    w = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    nodes = [
+        h.make_node("Relu", ["x"], ["fetch_name_0"]),
+        h.make_node("Neg", ["fetch_name_0"], ["fetch_name_1"]),
+    ]
+    model = h.make_model(h.make_graph(nodes, "g", [x], [y, z, w]))
+    _rename_outputs(model, ["a", "b", "c"], StaticFiles(Path("m.json"), Path("m.pdiparams")))
+    onnx.checker.check_model(model)
+    assert [o.name for o in model.graph.output] == ["a", "b", "c"]
+    assert [(list(n.input), list(n.output)) for n in model.graph.node] == [
+        (["x"], ["a"]),
+        (["a"], ["b"]),
+        (["x"], ["c"]),
+    ]
