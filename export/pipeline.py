@@ -88,9 +88,8 @@ def export_checkpoint(
         log.info("parity: %s", describe(report))
         if not report["passed"]:
             raise ParityError(
-                f"the exported graphs do not reproduce the model: max |log-prob difference| "
-                f"above {tolerance:g} "
-                f"({describe(report)})",
+                f"the exported graphs do not reproduce the model: max |log-prob difference| above "
+                f"{tolerance:g} ({describe(report)})",
                 report,
             )
 

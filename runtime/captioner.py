@@ -90,8 +90,9 @@ def load_manifest(export_dir: str | os.PathLike) -> dict:
     version = manifest.get("format_version")
     if version not in FORMAT_VERSIONS:
         raise ExportDirError(
-            f"{path}: unknown format_version {version!r} (this runtime reads {', '.join(map(str, FORMAT_VERSIONS))}"
-            "); re-export the checkpoint with this version's aoanet-export, or upgrade the runtime"
+            f"{path}: unknown format_version {version!r} (this runtime reads "
+            f"{', '.join(map(str, FORMAT_VERSIONS))}); re-export the checkpoint with this version's "
+            "aoanet-export, or upgrade the runtime"
         )
     missing = [k for k in ("ix_to_word", "unk_id", "vocab_size", "sizes", "files") if k not in manifest]
     missing += [f"sizes.{k}" for k in ("rnn_size", "att_feat_size") if k not in manifest.get("sizes", {})]
@@ -207,10 +208,13 @@ class Captioner:
     # -------------------------------------------------------------------------------------- inputs
     def _check_array(self, feats: np.ndarray, what: str) -> None:
         if feats.ndim != 2:
-            raise FeatureError(f"{what}: expected a (regions, {self.att_feat_size}) array, got shape {feats.shape}")
+            raise FeatureError(
+                f"{what}: expected a (regions, {self.att_feat_size}) array, got shape {feats.shape}"
+            )
         if feats.shape[1] != self.att_feat_size:
             raise FeatureError(
-                f"{what}: feature width {feats.shape[1]}, the model expects {self.att_feat_size} (att_feat_size)"
+                f"{what}: feature width {feats.shape[1]}, the model expects {self.att_feat_size} "
+                "(att_feat_size)"
             )
         if feats.shape[0] < 1:
             raise FeatureError(f"{what}: 0 regions; every image needs at least one")
@@ -230,7 +234,8 @@ class Captioner:
             b, n, width = att_feats.shape
             if width != self.att_feat_size:
                 raise FeatureError(
-                    f"att_feats: feature width {width}, the model expects {self.att_feat_size} (att_feat_size)"
+                    f"att_feats: feature width {width}, the model expects {self.att_feat_size} "
+                    "(att_feat_size)"
                 )
             if b == 0:
                 return 0, []
@@ -240,7 +245,9 @@ class Captioner:
                 att_masks = np.ones((b, n), dtype=np.float32)
             att_masks = np.asarray(att_masks, dtype=np.float32)
             if att_masks.shape != (b, n):
-                raise FeatureError(f"att_masks must have shape {(b, n)} (images, regions), got {att_masks.shape}")
+                raise FeatureError(
+                    f"att_masks must have shape {(b, n)} (images, regions), got {att_masks.shape}"
+                )
             empty = np.nonzero(att_masks.sum(axis=1) == 0)[0]
             if empty.size:
                 raise FeatureError(f"image {int(empty[0])} has 0 regions (its att_masks row is all zeros)")
@@ -249,10 +256,14 @@ class Captioner:
             batches = []
             for start in range(0, b, batch_size):
                 pos = np.arange(start, min(start + batch_size, b))
-                batches.append((pos, feats[start : start + batch_size], att_masks[start : start + batch_size]))
+                batches.append(
+                    (pos, feats[start : start + batch_size], att_masks[start : start + batch_size])
+                )
             return b, batches
         if att_masks is not None:
-            raise FeatureError("att_masks is only for a padded [images, regions, width] array, not for a list")
+            raise FeatureError(
+                "att_masks is only for a padded [images, regions, width] array, not for a list"
+            )
         images = [np.asarray(f) for f in att_feats]
         for i, f in enumerate(images):
             self._check_array(f, f"image {i}")
@@ -268,21 +279,42 @@ class Captioner:
         """[B, N, F], [B, N] -> (mean_feats [B, R], p_att_feats [B, N, 2R])."""
         mean_feats, p_att_feats = self.encoder.run(
             ENCODER_OUTPUTS,
-            {"att_feats": np.ascontiguousarray(att_feats, np.float32), "att_masks": np.ascontiguousarray(att_masks, np.float32)},
+            {
+                "att_feats": np.ascontiguousarray(att_feats, np.float32),
+                "att_masks": np.ascontiguousarray(att_masks, np.float32),
+            },
         )
         return mean_feats, p_att_feats
 
-    def _step(self, it: np.ndarray, ctx: dict) -> tuple[np.ndarray, dict]:
-        logprobs, h, c = self.decoder.run(
+    def _run_decoder(self, it, h, c, mean_feats, p_att_feats, att_masks) -> list[np.ndarray]:
+        return self.decoder.run(
             DECODER_OUTPUTS,
             {
                 "it": it,
-                "state_h": ctx["h"],
-                "state_c": ctx["c"],
-                "mean_feats": ctx["mean_feats"],
-                "p_att_feats": ctx["p_att_feats"],
-                "att_masks": ctx["att_masks"],
+                "state_h": h,
+                "state_c": c,
+                "mean_feats": mean_feats,
+                "p_att_feats": p_att_feats,
+                "att_masks": att_masks,
             },
+        )
+
+    def _step(self, it: np.ndarray, ctx: dict) -> tuple[np.ndarray, dict]:
+        first = ctx.get("bos")
+        if first is not None:
+            # The BOS step of a beam search: the K beams of an image have the same input, state and encoder
+            # rows, so one row per image is run and repeated (the search only reads beam 0's row anyway).
+            k, (mean_feats, p_att_feats, att_masks) = first
+            zeros = np.zeros((2, mean_feats.shape[0], self.rnn_size), dtype=np.float32)
+            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, p_att_feats, att_masks)
+            ctx = {name: v for name, v in ctx.items() if name != "bos"}
+            return np.repeat(logprobs, k, axis=0), {
+                **ctx,
+                "h": np.repeat(h, k, axis=1),
+                "c": np.repeat(c, k, axis=1),
+            }
+        logprobs, h, c = self._run_decoder(
+            it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx["p_att_feats"], ctx["att_masks"]
         )
         return logprobs, {**ctx, "h": h, "c": c}
 
@@ -321,15 +353,24 @@ class Captioner:
         att_masks = np.ascontiguousarray(att_masks, dtype=np.float32)
         mean_feats, p_att_feats = self.encode(att_feats, att_masks)
         k = 1 if (beam_size == 1 and greedy_unk) else int(beam_size)
+        ctx = {"mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks}
         if k > 1:
-            mean_feats, p_att_feats, att_masks = (np.repeat(x, k, axis=0) for x in (mean_feats, p_att_feats, att_masks))
-        zeros = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
-        ctx = {"h": zeros, "c": zeros, "mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks}
+            ctx = {name: np.repeat(x, k, axis=0) for name, x in ctx.items()}
+            ctx["bos"] = (k, (mean_feats, p_att_feats, att_masks))
+        ctx["h"] = ctx["c"] = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
         if beam_size == 1 and greedy_unk:
             greedy_options = {n: v for n, v in options.items() if n in ("block_trigrams", "bad_ending_ids")}
             return greedy(self._step, ctx, batch, max_length=max_length, keep=self._keep, **greedy_options)
         return beam_search(
-            self._step, self._reorder, self._keep, ctx, batch, k, max_length=max_length, unk_idx=self.unk_id, **options
+            self._step,
+            self._reorder,
+            self._keep,
+            ctx,
+            batch,
+            k,
+            max_length=max_length,
+            unk_idx=self.unk_id,
+            **options,
         )
 
     def caption(
@@ -348,13 +389,13 @@ class Captioner:
         early_stop: bool = True,
         on_batch: Callable[[int], None] | None = None,
     ) -> Captions:
-        """Caption many images: ``att_feats`` is a padded float32 [B, N, F] array (with ``att_masks`` [B, N],
-        1 = region, default all ones) or a list of per-image (K_i, F) arrays, which are grouped by region count
-        into batches of ``batch_size`` and padded. Results are in input order.
+        """Caption many images: ``att_feats`` is a padded float32 [B, N, F] array (with ``att_masks``
+        [B, N], 1 = region, default all ones) or a list of per-image (K_i, F) arrays, which are grouped by
+        region count into batches of ``batch_size`` and padded. Results are in input order.
 
         Defaults are the authors' semantics (summed log-probs, UNK suppressed, no length penalty);
-        ``beam_size=1`` decodes greedily (``greedy_unk``, like AoAModel.decode). ``remove_bad_endings``: no EOS
-        right after a bad-ending word, and such words stripped from the caption's end (as the reference).
+        ``beam_size=1`` decodes greedily (``greedy_unk``, like AoAModel.decode). ``remove_bad_endings``: no
+        EOS right after a bad-ending word, and such words stripped from the caption's end (as the reference).
         ``on_batch(n_images)`` is called after each batch (progress bars).
         """
         if int(beam_size) < 1 or int(max_length) < 1 or int(batch_size) < 1:

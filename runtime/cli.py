@@ -1,7 +1,7 @@
 """``aoanet-infer``: caption a split (or a folder of feature files) into a COCO results JSON.
 
-    aoanet-infer --backend onnx   --model EXPORT_DIR     --features DATA_DIR [--split test] --out captions.json
-    aoanet-infer --backend paddle --checkpoint CKPT_DIR  --features DATA_DIR [--split test] --out captions.json
+    aoanet-infer --backend onnx --model EXPORT_DIR --features DATA_DIR [--split test] --out captions.json
+    aoanet-infer --backend paddle --checkpoint CKPT_DIR --features DATA_DIR [--split test] --out captions.json
 
 Both backends list the images the same way, check every feature file's header before decoding, decode the
 same batches (grouped by region count) through the same search, and write the same JSON: one
@@ -24,7 +24,15 @@ from typing import Optional
 import numpy as np
 import typer
 
-from runtime.features import FeatureError, ImageFile, batch_plan, list_images, pad_batch, read_features, region_count
+from runtime.features import (
+    FeatureError,
+    ImageFile,
+    batch_plan,
+    list_images,
+    pad_batch,
+    read_features,
+    region_count,
+)
 from runtime.vocab import bad_ending_ids, decode_sequence
 
 app = typer.Typer(add_completion=False, help="Caption images from their region features (AoANet).")
@@ -57,8 +65,9 @@ class PaddleBackend:
 
     def __init__(self, checkpoint: Path, which: str, threads: int | None):
         try:
-            import aoanet  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before Paddle is imported)
             import paddle
+
+            import aoanet  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before Paddle is imported)
             from aoanet.train.checkpoint import CheckpointError, load_model
         except ImportError as e:
             raise InferError(f"--backend paddle needs Paddle and the aoanet package ({e})") from None
@@ -75,7 +84,9 @@ class PaddleBackend:
 
     def decode(self, att_feats, att_masks, beam_size, max_length, **options):
         t = self.paddle.to_tensor
-        return self.model.decode(t(att_feats), t(att_masks), beam_size=beam_size, max_length=max_length, **options)
+        return self.model.decode(
+            t(att_feats), t(att_masks), beam_size=beam_size, max_length=max_length, **options
+        )
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -144,17 +155,23 @@ def infer(
     model: Optional[Path] = typer.Option(None, "--model", help="export directory (--backend onnx)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint dir (--backend paddle)"),
     which: str = typer.Option("best", "--which", help="checkpoint weights: best | last (--backend paddle)"),
-    split: str = typer.Option("test", "--split", help="train | val | test | restval | all (cocotalk.json only)"),
+    split: str = typer.Option(
+        "test", "--split", help="train | val | test | restval | all (cocotalk.json only)"
+    ),
     input_json: Optional[Path] = typer.Option(None, "--input-json", help="instead of DATA_DIR/cocotalk.json"),
     att_dir: Optional[Path] = typer.Option(None, "--att-dir", help="instead of DATA_DIR/cocobu_att"),
     beam_size: int = typer.Option(3, "--beam-size", min=1, help="1 = greedy"),
     batch_size: int = typer.Option(50, "--batch-size", min=1, help="images per encoder run / beam batch"),
     max_length: int = typer.Option(20, "--max-length", min=1),
-    length_penalty: str = typer.Option("", "--length-penalty", help="'' (authors'), wu_<alpha> or avg_<alpha>"),
+    length_penalty: str = typer.Option(
+        "", "--length-penalty", help="'' (authors'), wu_<alpha> or avg_<alpha>"
+    ),
     block_trigrams: bool = typer.Option(False, "--block-trigrams"),
     remove_bad_endings: bool = typer.Option(False, "--remove-bad-endings"),
     num_images: int = typer.Option(-1, "--num-images", help="caption only the first N images (-1: all)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="compute threads (default: all CPUs)"),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="compute threads (default: all CPUs)"
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Caption the images of a split; prints the throughput (images/s) at the end."""

@@ -211,7 +211,7 @@ def batch_plan(region_counts: Sequence[int], batch_size: int) -> list[np.ndarray
 
 
 def pad_batch(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image (K_i, F) arrays -> (att_feats float32 [B, max K, F] zero-padded, att_masks float32 [B, max K])."""
+    """Per-image (K_i, F) arrays -> (att_feats float32 [B, max K, F] zero-padded, att_masks [B, max K])."""
     if len(feats) == 0:
         raise ValueError("pad_batch needs at least one image")
     n = max(f.shape[0] for f in feats)

@@ -35,7 +35,10 @@ def compare_backends(model, captioner, batches, beam_size: int, max_length: int 
     for att_feats, att_masks in batches:
         ours = captioner.decode(att_feats, att_masks, beam_size, max_length, **options)
         ref = model.decode(
-            paddle.to_tensor(att_feats), paddle.to_tensor(att_masks), beam_size=beam_size, max_length=max_length,
+            paddle.to_tensor(att_feats),
+            paddle.to_tensor(att_masks),
+            beam_size=beam_size,
+            max_length=max_length,
             **options,
         )
         same = (ours.seqs == ref.seqs).all(axis=1)
@@ -71,9 +74,9 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
-    import aoanet  # noqa: F401
     import paddle
 
+    import aoanet  # noqa: F401
     from aoanet.train.checkpoint import load_model
     from runtime import Captioner
     from runtime.features import batch_plan, list_images, pad_batch, read_features, region_count

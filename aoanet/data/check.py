@@ -29,7 +29,7 @@ from aoanet.data.features import (
     npz_header,
     read_att,
 )
-from aoanet.data.karpathy import image_id, load_dataset
+from aoanet.data.karpathy import image_id, load_dataset, load_json
 from aoanet.data.labels import inspect_labels
 
 
@@ -167,6 +167,19 @@ def check_raw(dataset_json: Path, labelset) -> list[Problem]:
     return problems
 
 
+def _image_ids(input_json: Path) -> list[int] | None:
+    """The image ids of a cocotalk.json that is readable enough to name its images, else None."""
+    try:
+        images = load_json(input_json, "cocotalk json").get("images")
+    except DataError:
+        return None
+    if not isinstance(images, list) or not all(
+        isinstance(im, dict) and isinstance(im.get("id"), int) for im in images
+    ):
+        return None
+    return [im["id"] for im in images]
+
+
 def check_data_dir(
     data_dir: str | os.PathLike,
     input_json=None,
@@ -183,16 +196,20 @@ def check_data_dir(
     input_h5 = Path(input_h5) if input_h5 else d / "cocotalk_label.h5"
     labelset, problems = inspect_labels(input_json, input_h5)
     summary: dict = {}
-    if labelset is None:
-        return problems, summary
-    ids = [img["id"] for img in labelset.images]
-    summary.update(
-        images=len(ids),
-        captions=int(labelset.labels.shape[0]),
-        vocab_size=len(labelset.vocab),
-        seq_length=int(labelset.labels.shape[1]),
-        splits=dict(Counter(img["split"] for img in labelset.images)),
-    )
+    if labelset is not None:
+        ids = [img["id"] for img in labelset.images]
+        summary.update(
+            images=len(ids),
+            captions=int(labelset.labels.shape[0]),
+            vocab_size=len(labelset.vocab),
+            seq_length=int(labelset.labels.shape[1]),
+            splits=dict(Counter(img["split"] for img in labelset.images)),
+        )
+    else:
+        # The labels are broken, but the feature files can still be checked if the json names the images.
+        ids = _image_ids(input_json)
+        if ids is None:
+            return problems, summary
     feat_problems, stats = check_features(
         ids,
         Path(att_dir) if att_dir else d / ATT_DIR,
@@ -204,6 +221,6 @@ def check_data_dir(
     problems += feat_problems
     summary.update(stats)
     raw = d / "dataset_coco.json"
-    if raw.is_file():
+    if raw.is_file() and labelset is not None:
         problems += check_raw(raw, labelset)
     return problems, summary

@@ -175,8 +175,7 @@ class CaptionLoader:
                 "loader state does not match this loader (saved vs now): "
                 + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in bad.items())
             )
-        s.seed = int(state["seed"])
-        s._cache = None
+        s.set_seed(int(state["seed"]))
         s.set_epoch(int(state["epoch"]))
         self.position = int(state["position"])
 

@@ -87,6 +87,11 @@ class CaptionBatchSampler(paddle.io.BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def set_seed(self, seed: int) -> None:
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.seed, self._cache = seed, None
+
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         epoch = self.epoch if epoch is None else epoch
         if self._cache is None or self._cache[0] != epoch:  # len() and iteration share one computation

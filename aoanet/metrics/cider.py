@@ -178,7 +178,7 @@ class _HashTable:
         return self.keys.shape[0]
 
     def _start(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys * _GOLD) >> np.uint64(64 - self.bits)).astype(np.int64)
+        return ((keys * _GOLD) >> np.uint64(64 - self.bits)).view(np.int64)
 
     def get_or_insert(self, keys: np.ndarray) -> np.ndarray:
         out = np.empty(keys.shape[0], np.int64)
@@ -198,9 +198,12 @@ class _HashTable:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, -1 where absent."""
-        out = np.full(keys.shape[0], -1, np.int64)
-        idx = np.arange(keys.shape[0])
         slot = self._start(keys)
+        occupant = self.keys[slot]
+        found = occupant == keys
+        out = np.where(found, slot, -1)  # most keys are settled by their first probe
+        idx = np.flatnonzero(~found & (occupant != 0))
+        keys, slot = keys[idx], (slot[idx] + 1) & self.mask
         while idx.size:
             occupant = self.keys[slot]
             hit = occupant == keys
@@ -217,21 +220,30 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     return owner, np.repeat(starts - first, counts) + np.arange(owner.shape[0])
 
 
-def _segment_argsort(values: np.ndarray, seg_len: np.ndarray) -> np.ndarray:
-    """Permutation sorting ``values`` within consecutive segments of lengths ``seg_len`` (segments stay in
-    place). Segments are padded to a power-of-two width and sorted row-wise, which is far cheaper than one
-    global sort."""
-    out = np.arange(values.shape[0])
-    starts = np.cumsum(seg_len) - seg_len
-    width = np.where(seg_len > 1, 1 << np.ceil(np.log2(np.maximum(seg_len, 1))).astype(np.int64), 0)
-    for w in np.unique(width[width > 0]).tolist():
-        segs = np.flatnonzero(width == w)
-        pos = starts[segs][:, None] + np.arange(w)
-        valid = np.arange(w) < seg_len[segs][:, None]
-        vals = np.where(valid, values[np.where(valid, pos, 0)], _INT64_MAX)
-        order = np.argsort(vals, axis=1, kind="stable")
-        out[pos[valid]] = np.take_along_axis(pos, order, axis=1)[valid]  # padding sorts last
-    return out
+def _sort_rows(packed: list[np.ndarray], row: list[np.ndarray], local: list[np.ndarray], row_len: np.ndarray):
+    """Sort values within rows: entry i of part k (a non-negative int64 ``packed[k][i]``) sits at column
+    ``local[k][i]`` of row ``row[k][i]``; rows have ``row_len`` entries. Returns (sorted values, their rows), row by row (rows in an
+    arbitrary order). Rows are padded to a width rounded up to 1/8 of the longest row, grouped by width into
+    contiguous 2-D blocks and sorted in place with ``np.sort`` -- many small sorts cost far less than a global
+    sort. Callers pack what they need to recover (e.g. the column) into the low bits of the values."""
+    if int(row_len.sum()) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    quantum = max(16, -(-int(row_len.max()) // 8))
+    width = -(-row_len // quantum) * quantum
+    order = np.argsort(width, kind="stable")
+    offset = np.empty(row_len.shape[0], np.int64)
+    offset[order] = np.cumsum(width[order]) - width[order]
+    buf = np.full(int(width.sum()), _INT64_MAX)
+    for p, r, c in zip(packed, row, local, strict=True):
+        buf[offset[r] + c] = p
+    w_sorted = width[order]
+    cuts = np.flatnonzero(np.diff(w_sorted)) + 1
+    for seg_first, seg_end in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(order)].tolist(), strict=True):
+        w = int(w_sorted[seg_first])
+        if w:
+            a = int(offset[order[seg_first]])
+            buf[a : a + w * (seg_end - seg_first)].reshape(-1, w).sort(axis=1)
+    return buf[buf != _INT64_MAX], np.repeat(order, row_len[order])
 
 
 class _Vocab(dict):
@@ -265,7 +277,46 @@ class _Bags:
     Entries are grouped by caption (caption t owns ``start[t] : start[t] + count[t]``) and sorted by n-gram id
     within a caption."""
 
-    __slots__ = ("gid", "order", "tf", "idf", "start", "count", "norms", "bigram_len", "n_gid")
+    __slots__ = ("gid", "order", "tf", "tf_int", "idf", "w", "start", "count", "norms", "bigram_len", "n_gid")
+
+
+def _index_captions(scorer: CiderD, ref_lists: list, candidates) -> tuple[list, list[list[int]], np.ndarray]:
+    """Number the distinct captions of one call (references of each image, then candidates).
+
+    Returns (distinct captions as token tuples, each image's reference caption numbers, each candidate's caption
+    number). A caption object met again (the same list as candidate and reference) is recognised by identity;
+    ``flat`` keeps every object alive for the call, so no id can be reused meanwhile."""
+    n_refs = [len(refs) for refs in ref_lists]
+    flat = list(chain.from_iterable(ref_lists))
+    flat.extend(candidates)
+    objects = list({id(c): c for c in flat}.values())
+    kinds = set(map(type, objects))
+    if scorer._int_tokens is not None and kinds <= {list, tuple}:
+        keys = list(map(tuple, objects))
+    else:
+        keys = []
+        for c in objects:
+            try:
+                keys.append(scorer._canon(c))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{_where(flat.index(c), n_refs)}: {err}") from None
+    number = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    of_object = dict(zip(map(id, objects), map(number.__getitem__, keys), strict=True))
+    ids = np.fromiter(map(of_object.__getitem__, map(id, flat)), np.int64, len(flat))
+    n_ref_total = sum(n_refs)
+    bounds = np.cumsum(n_refs).tolist()
+    ref_ids = ids[:n_ref_total].tolist()
+    ref_text = [ref_ids[a:b] for a, b in zip([0] + bounds[:-1], bounds, strict=True)]
+    return list(number), ref_text, ids[n_ref_total:]
+
+
+def _where(pos: int, n_refs: list[int]) -> str:
+    """Name the caption at position ``pos`` of the flattened (references..., candidates...) list."""
+    for b, n in enumerate(n_refs):
+        if pos < n:
+            return f"references of image {b}, caption {pos}"
+        pos -= n
+    return f"candidates[{pos}]"
 
 
 class CiderD:
@@ -350,14 +401,12 @@ class CiderD:
         self._vocab = _Vocab()
         self._init(np.zeros(0, np.uint64), np.zeros(0), len(references), sigma, None)
         # With an empty table every n-gram is a "miss" and gets a per-call id; count images per id.
-        index: dict[tuple, int] = {}
-        ref_text = [[index.setdefault(self._canon(r, f"references[{b}]"), len(index)) for r in refs]
-                    for b, refs in enumerate(references)]
-        bags, miss_keys = self._bags(list(index), return_miss_keys=True)
-        img, ent = self._image_entries(bags, ref_text)
-        gid = bags.gid[ent]
-        perm = _segment_argsort(gid, np.bincount(img, minlength=len(references)))
-        img, gid = img[perm], gid[perm]
+        texts, ref_text, _ = _index_captions(self, list(references), [])
+        bags, miss_keys = self._bags(texts, return_miss_keys=True)
+        _, (img, _, ent) = self._image_entries(bags, ref_text)
+        per_img = np.bincount(img, minlength=len(references))
+        gid, img = _sort_rows([bags.gid[ent]], [img], [np.arange(ent.shape[0]) - (np.cumsum(per_img) - per_img)[img]],
+                              per_img)
         first = np.ones(gid.shape[0], bool)
         first[1:] = (gid[1:] != gid[:-1]) | (img[1:] != img[:-1])
         df = np.bincount(gid[first], minlength=bags.n_gid)
@@ -368,21 +417,23 @@ class CiderD:
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def __call__(self, candidates: Sequence[Caption], references: Sequence[Sequence[Caption]]) -> np.ndarray:
-        """CIDEr-D of ``candidates[i]`` against its references ``references[i]``; float64 array."""
+        """CIDEr-D of ``candidates[i]`` against its references ``references[i]``; float64 array.
+
+        Candidates that are given the same list object of references share its merged reference vectors (pass
+        ``[refs_of_image[b] for b in image_of_candidate]``); equal copies give the same scores, a bit slower."""
         if len(candidates) != len(references):
             raise ValueError(f"candidates has {len(candidates)} captions but references has {len(references)} "
                              f"lists of references")
-        group_of: dict[tuple, int] = {}
-        ref_lists: list[tuple] = []
+        references = list(references)  # keeps the reference containers alive: their ids stay unique
+        group_of: dict[int, int] = {}
+        ref_lists: list = []
         group = np.empty(len(candidates), np.int64)
         for i, refs in enumerate(references):
-            key = tuple(self._canon(r, f"references[{i}]") for r in refs)
-            g = group_of.setdefault(key, len(ref_lists))
+            g = group_of.setdefault(id(refs), len(ref_lists))
             if g == len(ref_lists):
-                ref_lists.append(key)
+                ref_lists.append(refs if type(refs) in (list, tuple) else list(refs))
             group[i] = g
-        cands = [self._canon(c, f"candidates[{i}]") for i, c in enumerate(candidates)]
-        return self._score(cands, ref_lists, group)
+        return self._score(*_index_captions(self, ref_lists, candidates), group)
 
     def score_groups(self, candidates: Sequence[Caption], references_per_image: Sequence[Sequence[Caption]],
                      group) -> np.ndarray:
@@ -408,13 +459,11 @@ class CiderD:
             bad = np.flatnonzero((group_idx < 0) | (group_idx >= n_img))
             if bad.size:
                 raise ValueError(f"group[{bad[0]}] = {group_idx[bad[0]]} is not an image index (0..{n_img - 1})")
-        ref_lists = [tuple(self._canon(r, f"references_per_image[{b}]") for r in refs)
-                     for b, refs in enumerate(references_per_image)]
-        cands = [self._canon(c, f"candidates[{i}]") for i, c in enumerate(candidates)]
-        return self._score(cands, ref_lists, group_idx)
+        ref_lists = [refs if type(refs) in (list, tuple) else list(refs) for refs in references_per_image]
+        return self._score(*_index_captions(self, ref_lists, candidates), group_idx)
 
     # ---- internals ------------------------------------------------------------------------------------------
-    def _canon(self, caption, where: str) -> tuple:
+    def _canon(self, caption, where: str = "caption") -> tuple:
         """A caption as a hashable tuple of tokens (ints for an id scorer, words otherwise)."""
         t = type(caption)
         if t is tuple or t is list:
@@ -494,16 +543,17 @@ class CiderD:
         empty = np.zeros(0, np.int64)
         bags.gid = np.concatenate(u_gid) if u_gid else empty
         bags.order = np.concatenate(u_order) if u_order else empty
-        bags.tf = (np.concatenate(u_tf) if u_tf else empty).astype(np.float64)
+        bags.tf_int = np.concatenate(u_tf) if u_tf else empty
+        bags.tf = bags.tf_int.astype(np.float64)
         text = np.concatenate(u_text) if u_text else empty
         bags.count = np.bincount(text, minlength=n_text)
         in_order = bags.count[by_len]  # entries are laid out in by_len order of captions
         bags.start = np.empty(n_text, np.int64)
         bags.start[by_len] = np.cumsum(in_order) - in_order
-        idf = np.concatenate([self._df_idf, np.full(miss_table.size, self._log_ref_len)])
-        bags.idf = idf[bags.gid]
+        in_df = bags.gid < self._df_table.size  # other ids: n-grams without a document frequency, full idf
+        bags.idf = np.where(in_df, self._df_idf[np.where(in_df, bags.gid, 0)], self._log_ref_len)
         bags.n_gid = n_gid
-        w = bags.tf * bags.idf
+        bags.w = w = bags.tf * bags.idf
         norms = np.bincount(text * N_MAX + bags.order, w * w, minlength=(n_text + 1) * N_MAX)
         bags.norms = np.sqrt(norms).reshape(n_text + 1, N_MAX)  # row n_text: padding reference, norm 0
         bags.bigram_len = np.append(np.maximum(lengths - 1, 0), 0).astype(np.float64)
@@ -512,62 +562,78 @@ class CiderD:
         return bags
 
     @staticmethod
-    def _image_entries(bags: _Bags, ref_text: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """(image, entry) for every entry of every reference of every image, image-major."""
+    def _image_entries(bags: _Bags, ref_text: list[list[int]]):
+        """For every reference of every image (image-major): its caption, image and column; and for every
+        entry of those references: its image, column and entry index."""
         n_refs = np.fromiter(map(len, ref_text), np.int64, len(ref_text))
         occ_text = np.fromiter(chain.from_iterable(ref_text), np.int64, int(n_refs.sum()))
         occ_img = np.repeat(np.arange(len(ref_text)), n_refs)
+        occ_col = np.arange(occ_text.shape[0]) - np.repeat(np.cumsum(n_refs) - n_refs, n_refs)
         owner, ent = _expand(bags.start[occ_text], bags.count[occ_text])
-        return occ_img[owner], ent
+        return (occ_text, occ_img, occ_col), (occ_img[owner], occ_col[owner], ent)
 
-    def _score(self, cands: list[tuple], ref_lists: list[tuple], group: np.ndarray) -> np.ndarray:
-        n_cand, n_img = len(cands), len(ref_lists)
+    def _score(self, texts: list[tuple], ref_text: list[list[int]], cand_text: np.ndarray, group: np.ndarray):
+        n_cand, n_img = cand_text.shape[0], len(ref_text)
         if n_cand == 0:
             return np.zeros(0)
-        n_refs = np.fromiter(map(len, ref_lists), np.int64, n_img)
+        n_refs = np.fromiter(map(len, ref_text), np.int64, n_img)
         if (n_refs[group] == 0).any():
             i = int(np.flatnonzero(n_refs[group] == 0)[0])
             raise ValueError(f"candidate {i} has an empty list of references (CIDEr-D needs at least one)")
-        index: dict[tuple, int] = {}
-        cand_text = np.fromiter((index.setdefault(c, len(index)) for c in cands), np.int64, n_cand)
-        ref_text = [[index.setdefault(r, len(index)) for r in refs] for refs in ref_lists]
-        bags = self._bags(list(index))
-        n_text = len(index)
+        bags = self._bags(texts)
+        n_text = len(texts)
         r_max = int(n_refs.max())
 
-        # references: every (image, n-gram id) entry with its column and tf, sorted by (image, id)
-        img, ent = self._image_entries(bags, ref_text)
-        occ_col = np.arange(int(n_refs.sum())) - np.repeat(np.cumsum(n_refs) - n_refs, n_refs)
-        occ_cnt = bags.count[np.fromiter(chain.from_iterable(ref_text), np.int64, int(n_refs.sum()))]
-        ref_col = np.repeat(occ_col, occ_cnt)
-        perm = _segment_argsort(bags.gid[ent], np.bincount(img, minlength=n_img))
-        ent, ref_col = ent[perm], ref_col[perm]
-        id_bits = max(int(bags.n_gid).bit_length(), 1)
-        merged = (img[perm] << id_bits) | bags.gid[ent]
-        run_start = np.ones(merged.shape[0], bool)
-        run_start[1:] = merged[1:] != merged[:-1]
-        run_index = np.cumsum(run_start) - 1
-        run_end = np.append(np.flatnonzero(run_start)[1:], merged.shape[0])
+        # One row per image: the entries of its references (flag 0), then those of its candidates (flag 1).
+        # Sorting each row by (n-gram id, flag) puts, for every n-gram, the references holding it right before
+        # the candidates holding it: a run of equal ids is one n-gram of one image.
+        (occ_text, occ_img, occ_col), (r_img, r_col, r_ent) = self._image_entries(bags, ref_text)
+        by_img = np.argsort(group, kind="stable")
+        c_owner, c_ent = _expand(bags.start[cand_text[by_img]], bags.count[cand_text[by_img]])
+        c_owner = by_img[c_owner]
+        c_img = group[c_owner]
+        n_r, n_c = np.bincount(r_img, minlength=n_img), np.bincount(c_img, minlength=n_img)
+        c_first = np.cumsum(n_c) - n_c
+        r_local = np.arange(r_ent.shape[0]) - (np.cumsum(n_r) - n_r)[r_img]
+        c_local = np.arange(c_ent.shape[0]) - c_first[c_img]
+        row_len = n_r + n_c
+        # low bits of a sort key: a reference entry's (tf, column), a candidate entry's position in its row
+        r_tf = bags.tf_int[r_ent]
+        col_bits = max(r_max - 1, 1).bit_length()
+        low = max(max(int(row_len.max()) - 1, 1).bit_length(), int(r_tf.max()).bit_length() + col_bits)
+        if (int(bags.n_gid) << (low + 1)) >= 1 << 62:
+            raise ValueError("CiderD: call too large to pack into int64 keys (split it into smaller calls)")
+        packed, row = _sort_rows(
+            [(bags.gid[r_ent] << (low + 1)) | (r_tf << col_bits) | r_col,
+             (bags.gid[c_ent] << (low + 1)) | (1 << low) | c_local],
+            [r_img, c_img], [r_local, n_r[c_img] + c_local], row_len)
+        gram = packed >> (low + 1)
+        is_cand = ((packed >> low) & 1).astype(bool)
+        run_start = np.ones(packed.shape[0], bool)
+        run_start[1:] = (gram[1:] != gram[:-1]) | (row[1:] != row[:-1])
+        run_id = np.cumsum(run_start) - 1
+        starts = np.flatnonzero(run_start)
+        refs_in_run = np.bincount(run_id, weights=~is_cand, minlength=starts.shape[0]).astype(np.int64)
 
-        # candidates: look every n-gram up among its image's merged reference n-grams
-        c_owner, c_ent = _expand(bags.start[cand_text], bags.count[cand_text])
-        query = (group[c_owner] << id_bits) | bags.gid[c_ent]
-        lo = np.searchsorted(merged, query)
-        hit = lo < merged.shape[0]
-        hit[hit] = merged[lo[hit]] == query[hit]
-        c_owner, c_ent, lo = c_owner[hit], c_ent[hit], lo[hit]
-        m_idx, ref_pos = _expand(lo, run_end[run_index[lo]] - lo)
-        e = c_ent[m_idx]
-        h = bags.tf[e] * bags.idf[e]
-        r = bags.tf[ent[ref_pos]] * bags.idf[e]
-        slot = (c_owner[m_idx] * r_max + ref_col[ref_pos]) * N_MAX + bags.order[e]
+        # every candidate entry against every reference entry of its run (the references come first)
+        pos = np.flatnonzero(is_cand)
+        cnt = refs_in_run[run_id[pos]]
+        keep = cnt > 0
+        pos, cnt = pos[keep], cnt[keep]
+        c_i = c_first[row[pos]] + (packed[pos] & ((1 << low) - 1))
+        e = c_ent[c_i]
+        base = c_owner[c_i] * (r_max * N_MAX) + bags.order[e]
+        ref_pos = np.repeat(starts[run_id[pos]] - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        payload = packed[ref_pos]
+        r = ((payload >> col_bits) & ((1 << (low - col_bits)) - 1)) * np.repeat(bags.idf[e], cnt)
+        h = np.repeat(bags.w[e], cnt)
+        slot = np.repeat(base, cnt) + (payload & ((1 << col_bits) - 1)) * N_MAX
         num = np.bincount(slot, np.minimum(h, r) * r, minlength=n_cand * r_max * N_MAX)
         num = num.reshape(n_cand, r_max, N_MAX)
 
         # cosine with the reference's zero-norm rule, length penalty, means
-        ref_table = np.full((n_img, r_max), n_text, np.int64)
-        for b, texts in enumerate(ref_text):
-            ref_table[b, : len(texts)] = texts
+        ref_table = np.full((n_img, r_max), n_text, np.int64)  # caption n_text: padding, norm 0
+        ref_table[occ_img, occ_col] = occ_text
         refs_of = ref_table[group]
         norm_h = bags.norms[cand_text][:, None, :]
         norm_r = bags.norms[refs_of]

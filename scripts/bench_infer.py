@@ -1,0 +1,353 @@
+"""Inference benchmark of the FULL-SIZE AoANet on this machine's CPU, every backend in one run.
+
+Random weights (``build_model(9487)``: R = 1024, 6 refiner layers), 36 regions of 2048-d per image, beam 3,
+20 steps. Measures images/s for:
+
+* onnxruntime, batched (``Captioner.caption``, ``--batch-size`` images per encoder run and beam batch);
+* onnxruntime, one image at a time;
+* Paddle's dynamic graph (``AoAModel.decode``, batched);
+* Paddle's static graph (``paddle.inference`` on the export's ``static/``), driving the same beam search;
+
+plus the FLOPs per image (matmul FLOPs of the encoder and of every decoder row-step actually run, from the
+shapes), the machine's measured fp32 matmul rate (numpy and an onnxruntime MatMul, 1024x1024 @ 1024x4096,
+best of several, same thread count) and the roofline fraction = achieved FLOP/s of onnxruntime batched / that
+rate. Also sweeps the onnxruntime session options (intra-op threads x spinning). Every timing is the best of
+``--repeats`` runs (the machine may be shared). Writes artifacts/bench/infer.json and prints a table.
+
+    python scripts/bench_infer.py [--images 100] [--work /tmp/aoanet-bench-infer] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")  # before Paddle is imported (aoanet does the same)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+V, F, N_REGIONS = 9487, 2048, 36
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+def encoder_flops(o, n_images: int, regions: int) -> float:
+    """Matmul FLOPs of ``encode`` for n_images x regions (att_embed, refiner, ctx2att)."""
+    r, f, n = o["rnn_size"], o["att_feat_size"], regions
+    per_layer = 3 * n * r * r + 2 * n * n * r + n * (2 * r) * (2 * r)  # q/k/v, scores + weighted sum, AoA
+    macs = n * f * r + o["refine_layers"] * per_layer + n * r * 2 * r
+    return 2.0 * macs * n_images
+
+
+def decoder_flops(o, row_steps: int, regions: int, vocab1: int) -> float:
+    """Matmul FLOPs of ``row_steps`` decoder row-steps (LSTM, query, attention, att2ctx, logit)."""
+    r, e, n = o["rnn_size"], o["input_encoding_size"], regions
+    macs = (e + r) * 4 * r + r * 4 * r + r * r + 2 * n * r + (2 * r) * (2 * r) + r * vocab1
+    return 2.0 * macs * row_steps
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+class Counting:
+    """A session wrapper that times every run and counts the decoder rows it was given."""
+
+    def __init__(self, session, name: str, stats: dict):
+        self.session, self.name, self.stats = session, name, stats
+
+    def run(self, outputs, feeds):
+        t = time.perf_counter()
+        result = self.session.run(outputs, feeds)
+        self.stats[f"{self.name}_s"] += time.perf_counter() - t
+        self.stats[f"{self.name}_runs"] += 1
+        if self.name == "decoder":
+            self.stats["row_steps"] += int(feeds["it"].shape[0])
+        else:
+            self.stats["encoded_images"] += int(feeds["att_feats"].shape[0])
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def new_stats() -> dict:
+    return dict.fromkeys(
+        ("encoder_s", "decoder_s", "encoder_runs", "decoder_runs", "row_steps", "encoded_images"), 0
+    )
+
+
+class StaticSession:
+    """paddle.inference predictor behind onnxruntime's ``run(output_names, feeds)``: the outputs come back in
+    the contract's order, which is the order the captioner asks for."""
+
+    def __init__(self, files, threads: int):
+        from export.static import StaticPredictor
+
+        self.predictor = StaticPredictor(files, threads)
+
+    def run(self, outputs, feeds):
+        return self.predictor(feeds)
+
+
+def best_of(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def matmul_rates(threads: int, repeats: int = 10) -> dict:
+    """fp32 GFLOP/s of (1024x1024) @ (1024x4096): numpy's BLAS and an onnxruntime MatMul session."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.random((1024, 1024), dtype=np.float32)
+    b = rng.random((1024, 4096), dtype=np.float32)
+    flops = 2.0 * 1024 * 1024 * 4096
+    a @ b
+    t_np, _ = best_of(lambda: a @ b, repeats)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])],
+        "matmul",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, 1024])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [None, 4096])],
+        initializer=[numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = {"numpy_gflops": flops / t_np / 1e9}
+    for spin in ("0", "1"):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"A": a})
+        t, _ = best_of(lambda s=session: s.run(None, {"A": a}), repeats)
+        out[f"onnxruntime_spin{spin}_gflops"] = flops / t / 1e9
+    out["gflops"] = max(out.values())
+    return out
+
+
+def ensure_export(work: Path) -> Path:
+    """A random full-size checkpoint and its export in ``work`` (reused when already there)."""
+    export_dir = work / "export"
+    if (export_dir / "manifest.json").is_file():
+        return export_dir
+    import paddle
+
+    from aoanet.model import build_model
+    from aoanet.train.checkpoint import atomic_paddle_save, write_model_json
+    from export import export_checkpoint
+
+    checkpoint = work / "checkpoint"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    paddle.seed(0)
+    model = build_model(V)
+    model.eval()
+    write_model_json(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
+    atomic_paddle_save(model.state_dict(), checkpoint / "model.pdparams")
+    print(f"exporting a random full-size model to {export_dir} ...", flush=True)
+    export_checkpoint(checkpoint, export_dir, force=True)
+    return export_dir
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=100, help="images for the batched backends")
+    p.add_argument("--single-images", type=int, default=10, help="images for onnxruntime one at a time")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=2, help="timings are the best of this many runs")
+    p.add_argument("--sweep-images", type=int, default=50, help="images per session-option setting (0: skip)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/aoanet-bench-infer"))
+    p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "infer.json")
+    args = p.parse_args()
+
+    import onnxruntime as ort
+
+    import aoanet  # noqa: F401  (MKL_DEBUG_CPU_TYPE)
+    from runtime import Captioner
+
+    export_dir = ensure_export(args.work)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    o = manifest["model_options"]
+    vocab1 = manifest["vocab_size"] + 1
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((args.images, N_REGIONS, F))).astype(np.float32)
+    masks = np.ones(feats.shape[:2], np.float32)
+    k, length, bs = args.beam_size, args.max_length, args.batch_size
+    results: dict = {}
+    print(f"load average before: {os.getloadavg()}", flush=True)
+
+    # 1. the machine's matmul rate (first: nothing else has run threads yet)
+    rates = matmul_rates(args.threads)
+    print(f"matmul fp32 (1024x1024 @ 1024x4096, {args.threads} threads): {rates}", flush=True)
+
+    # 2. onnxruntime session options
+    sweep = []
+    if args.sweep_images > 0:
+        sub = feats[: args.sweep_images]
+        for threads in sorted({1, args.threads}):
+            for spinning in (False, True):
+                c = Captioner.from_dir(export_dir, threads=threads, spinning=spinning, verify=False)
+                c.caption(sub[:2], beam_size=k, max_length=length)  # warm-up
+                t, _ = best_of(
+                    lambda c=c: c.caption(sub, beam_size=k, max_length=length, batch_size=bs), args.repeats
+                )
+                sweep.append({"threads": threads, "spinning": spinning, "images_per_s": len(sub) / t})
+                print(
+                    f"  onnxruntime threads={threads} spinning={spinning}: {len(sub) / t:.2f} images/s",
+                    flush=True,
+                )
+
+    # 3. onnxruntime batched, with the runtime's defaults, instrumented
+    captioner = Captioner.from_dir(export_dir, threads=args.threads)
+    stats = new_stats()
+    captioner.encoder = Counting(captioner.encoder, "encoder", stats)
+    captioner.decoder = Counting(captioner.decoder, "decoder", stats)
+    captioner.caption(feats[:2], beam_size=k, max_length=length)
+    best = None
+    for _ in range(args.repeats):
+        for key in stats:
+            stats[key] = 0
+        t0 = time.perf_counter()
+        onnx_out = captioner.caption(feats, beam_size=k, max_length=length, batch_size=bs)
+        elapsed = time.perf_counter() - t0
+        if best is None or elapsed < best[0]:
+            best = (elapsed, dict(stats))
+    elapsed, stats = best
+    enc_flops = encoder_flops(o, args.images, N_REGIONS)
+    dec_flops = decoder_flops(o, stats["row_steps"], N_REGIONS, vocab1)
+    flops_per_image = (enc_flops + dec_flops) / args.images
+    results["onnxruntime_batched"] = {
+        "images_per_s": args.images / elapsed,
+        "seconds": elapsed,
+        "encoder_s": stats["encoder_s"],
+        "decoder_s": stats["decoder_s"],
+        "search_and_glue_s": elapsed - stats["encoder_s"] - stats["decoder_s"],
+        "decoder_runs": stats["decoder_runs"],
+        "decoder_row_steps": stats["row_steps"],
+        "encoder_gflops": enc_flops / stats["encoder_s"] / 1e9,
+        "decoder_gflops": dec_flops / stats["decoder_s"] / 1e9,
+    }
+    print(f"onnxruntime batched: {results['onnxruntime_batched']}", flush=True)
+
+    # 4. onnxruntime one image at a time
+    n1 = min(args.single_images, args.images)
+    t, _ = best_of(
+        lambda: captioner.caption(feats[:n1], beam_size=k, max_length=length, batch_size=1), args.repeats
+    )
+    results["onnxruntime_single"] = {"images_per_s": n1 / t, "seconds": t, "images": n1}
+    print(f"onnxruntime one at a time: {n1 / t:.2f} images/s", flush=True)
+
+    # 5. Paddle static graph (paddle.inference) through the same captioner code
+    import paddle
+
+    from export.static import StaticFiles
+
+    paddle.base.core.set_num_threads(args.threads)
+    static_files = {
+        name: StaticFiles(export_dir / entry["model_file"], export_dir / entry["params_file"])
+        for name, entry in manifest["static"].items()
+    }
+    static = Captioner(
+        StaticSession(static_files["encoder"], args.threads),
+        StaticSession(static_files["decoder"], args.threads),
+        manifest,
+    )
+    static.caption(feats[:2], beam_size=k, max_length=length)
+    t, static_out = best_of(
+        lambda: static.caption(feats, beam_size=k, max_length=length, batch_size=bs), args.repeats
+    )
+    results["paddle_static"] = {"images_per_s": args.images / t, "seconds": t}
+    print(f"paddle static (paddle.inference): {args.images / t:.2f} images/s", flush=True)
+
+    # 6. Paddle dynamic graph, batched
+    from aoanet.train.checkpoint import load_model
+
+    model, _ = load_model(args.work / "checkpoint")
+
+    def eager():
+        seqs = []
+        for s in range(0, args.images, bs):
+            r = model.decode(
+                paddle.to_tensor(feats[s : s + bs]),
+                paddle.to_tensor(masks[s : s + bs]),
+                beam_size=k,
+                max_length=length,
+            )
+            seqs.append(r.seqs)
+        return np.concatenate(seqs)
+
+    eager_seqs = model.decode(paddle.to_tensor(feats[:2]), paddle.to_tensor(masks[:2]), beam_size=k).seqs
+    t, eager_seqs = best_of(eager, args.repeats)
+    results["paddle_eager"] = {"images_per_s": args.images / t, "seconds": t}
+    print(f"paddle dynamic graph: {args.images / t:.2f} images/s", flush=True)
+
+    # 7. summary
+    achieved = flops_per_image * results["onnxruntime_batched"]["images_per_s"]
+    report = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "load_average_after": os.getloadavg(),
+        },
+        "versions": {"onnxruntime": ort.__version__, "paddle": paddle.__version__, "numpy": np.__version__},
+        "setup": {
+            "vocab_size": V,
+            "regions": N_REGIONS,
+            "att_feat_size": F,
+            "beam_size": k,
+            "max_length": length,
+            "batch_size": bs,
+            "images": args.images,
+            "repeats": args.repeats,
+            "weights": "random (paddle.seed(0))",
+        },
+        "images_per_s": {name: r["images_per_s"] for name, r in results.items()},
+        "details": results,
+        "session_option_sweep": sweep,
+        "flops_per_image": flops_per_image,
+        "flops_per_image_encoder": enc_flops / args.images,
+        "flops_per_image_decoder": dec_flops / args.images,
+        "decoder_row_steps_per_image": stats["row_steps"] / args.images,
+        "matmul_rate": rates,
+        "achieved_gflops": achieved / 1e9,
+        "roofline_fraction": achieved / (rates["gflops"] * 1e9),
+        "speedup_onnx_vs_paddle_eager": results["onnxruntime_batched"]["images_per_s"]
+        / results["paddle_eager"]["images_per_s"],
+        "speedup_onnx_vs_paddle_static": results["onnxruntime_batched"]["images_per_s"]
+        / results["paddle_static"]["images_per_s"],
+        "same_captions": {
+            "paddle_static_vs_onnx": bool(np.array_equal(static_out.seqs, onnx_out.seqs)),
+            "paddle_eager_vs_onnx": bool(np.array_equal(eager_seqs, onnx_out.seqs)),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+    print()
+    print(f"{'backend':34s} {'images/s':>9s} {'vs eager':>9s}")
+    for name, ips in report["images_per_s"].items():
+        print(f"{name:34s} {ips:9.2f} {ips / report['images_per_s']['paddle_eager']:8.1f}x")
+    print(
+        f"FLOPs/image {flops_per_image / 1e9:.2f} G (encoder {enc_flops / args.images / 1e9:.2f}, decoder "
+        f"{dec_flops / args.images / 1e9:.2f}); achieved {achieved / 1e9:.1f} GFLOP/s of a measured matmul "
+        f"rate of {rates['gflops']:.1f} GFLOP/s -> roofline fraction {report['roofline_fraction']:.2f}"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""The onnxruntime captioner and aoanet-infer: parity with the Paddle model's decode, input and export-dir
+errors, the CLI's output, and that the runtime works where Paddle cannot be imported.
+
+One small random model (its decoder weights scaled so that captions end at varied lengths, which exercises the
+search's early stop and row dropping), exported once for the module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from aoanet.model import build_model
+from aoanet.train.checkpoint import atomic_paddle_save, load_model, write_model_json
+from export import export_checkpoint
+from runtime import Captioner, ExportDirError, FeatureError
+from runtime import cli as infer_cli
+from runtime.features import ImageFile, batch_plan, list_images, pad_batch, read_features, region_count
+
+ROOT = Path(__file__).resolve().parents[1]
+V, R, F = 40, 32, 16
+SMALL = dict(rnn_size=R, input_encoding_size=R, att_feat_size=F, num_heads=4, refine_layers=2)
+B, N = 24, 10
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_checkpoint(directory: Path) -> Path:
+    paddle.seed(1)
+    model = build_model(V, **SMALL)
+    state = model.state_dict()
+    # Random weights give captions that end at once or never; sharper decoder dynamics and an EOS bias give
+    # lengths 0..20 (measured: greedy and beam 3 both mix short, medium and full-length captions).
+    for name, value in state.items():
+        if name.startswith("core.") and "norm" not in name:
+            value.set_value(value.numpy() * 4)
+    bias = state["logit.bias"].numpy() * 2
+    bias[0] += 1.5
+    state["logit.weight"].set_value(state["logit.weight"].numpy() * 2)
+    state["logit.bias"].set_value(bias)
+    directory.mkdir(parents=True, exist_ok=True)
+    ix_to_word = {str(i): ("UNK" if i == V else f"w{i}") for i in range(1, V + 1)}
+    ix_to_word["3"] = "the"  # a bad-ending word, for remove_bad_endings
+    write_model_json(directory, model, ix_to_word)
+    atomic_paddle_save(model.state_dict(), directory / "model.pdparams")
+    return directory
+
+
+def random_batch(seed: int = 0, batch: int = B, regions: int = N) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feats = (np.abs(rng.standard_normal((batch, regions, F))) * 2).astype(np.float32)
+    lengths = rng.integers(1, regions + 1, batch)
+    lengths[0] = regions
+    masks = (np.arange(regions)[None] < lengths[:, None]).astype(np.float32)
+    return feats * masks[:, :, None], masks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "run")
+
+
+@pytest.fixture(scope="module")
+def export_dir(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "aoanet"
+    export_checkpoint(checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(checkpoint)[0]
+
+
+@pytest.fixture(scope="module")
+def captioner(export_dir) -> Captioner:
+    return Captioner.from_dir(export_dir)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The reference layout: cocotalk.json + cocobu_att/<id>.npz, 30 images, a third in each split."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "cocobu_att").mkdir()
+    rng = np.random.default_rng(3)
+    images = []
+    for i in range(30):
+        image_id = 500 + 7 * i
+        k = int(rng.integers(1, 12))
+        feat = (np.abs(rng.standard_normal((k, F))) * 2).astype(np.float32)
+        np.savez_compressed(root / "cocobu_att" / f"{image_id}.npz", feat=feat)
+        images.append(
+            {"id": image_id, "split": ("train", "val", "test")[i % 3], "file_path": f"{image_id}.jpg"}
+        )
+    (root / "cocotalk.json").write_text(json.dumps({"ix_to_word": {}, "images": images}))
+    return root
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        infer_cli.main([*args, "--no-progress"])
+    captured = capsys.readouterr()
+    return exc.value.code or 0, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("beam_size", [1, 2, 3])
+def test_onnx_and_paddle_give_identical_captions(model, captioner, beam_size):
+    parity = _load_script("parity_infer")
+    batches = [random_batch(0), random_batch(1, batch=7, regions=4)]
+    report = parity.compare_backends(model, captioner, batches, beam_size)
+    assert report["images"] == B + 7
+    assert report["captions_differ"] == 0, report
+    assert report["max_abs_logprob_diff"] <= 1e-4 and report["max_abs_score_diff"] <= 1e-4, report
+    # The model is varied enough for the test to mean something: short, long and full-length captions.
+    lengths = (captioner.decode(*batches[0], beam_size).seqs > 0).sum(axis=1)
+    assert len(set(lengths.tolist())) >= 3 and lengths.max() == 20 and lengths.min() < 10
+
+
+def test_parity_with_the_optional_constraints(model, captioner):
+    parity = _load_script("parity_infer")
+    options = dict(length_penalty="wu_0.5", block_trigrams=True, bad_ending_ids=np.array([3]))
+    report = parity.compare_backends(model, captioner, [random_batch(2)], 3, **options)
+    assert report["passed"], report
+
+
+def test_caption_matches_decode_and_keeps_input_order(captioner):
+    feats, masks = random_batch(0)
+    padded = captioner.caption(feats, masks, beam_size=2, batch_size=5)
+    direct = captioner.decode(feats, masks, 2)
+    np.testing.assert_array_equal(padded.seqs, direct.seqs)
+    # The same images as a ragged list: regrouped by region count, results back in input order.
+    ragged = [f[: int(m.sum())] for f, m in zip(feats, masks, strict=True)]
+    listed = captioner.caption(ragged, beam_size=2, batch_size=B)
+    np.testing.assert_array_equal(listed.seqs, direct.seqs)
+    assert listed.captions == padded.captions and len(listed) == B
+    assert all(isinstance(c, str) for c in listed.captions)
+    np.testing.assert_allclose(listed.scores, direct.scores, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_are_refused_clearly(captioner):
+    feats, masks = random_batch(0, batch=2, regions=3)
+    with pytest.raises(FeatureError, match=f"width 7, the model expects {F}"):
+        captioner.caption(np.zeros((2, 3, 7), np.float32))
+    with pytest.raises(FeatureError, match=f"image 1: feature width 9, the model expects {F}"):
+        captioner.caption([feats[0], np.zeros((3, 9), np.float32)])
+    with pytest.raises(FeatureError, match="image 1: 0 regions"):
+        captioner.caption([feats[0], np.zeros((0, F), np.float32)])
+    with pytest.raises(FeatureError, match="image 1 has 0 regions"):
+        captioner.caption(feats, np.array([[1, 1, 0], [0, 0, 0]], np.float32))
+    with pytest.raises(FeatureError, match="0 regions"):
+        captioner.caption(np.zeros((2, 0, F), np.float32))
+    with pytest.raises(FeatureError, match="NaN"):
+        captioner.caption([np.full((2, F), np.nan, np.float32)])
+    with pytest.raises(FeatureError, match="list of per-image"):
+        captioner.caption(feats[0])
+    assert len(captioner.caption([])) == 0
+
+
+def _copy_export(export_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for name in ("manifest.json", "encoder.onnx", "decoder.onnx"):
+        shutil.copy(export_dir / name, dest / name)
+    return dest
+
+
+def test_export_dir_checks(export_dir, tmp_path):
+    with pytest.raises(ExportDirError, match="manifest.json is missing"):
+        Captioner.from_dir(tmp_path)
+    bad_version = _copy_export(export_dir, tmp_path / "v99")
+    manifest = json.loads((bad_version / "manifest.json").read_text())
+    (bad_version / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ExportDirError, match="unknown format_version 99"):
+        Captioner.from_dir(bad_version)
+    tampered = _copy_export(export_dir, tmp_path / "tampered")
+    data = bytearray((tampered / "decoder.onnx").read_bytes())
+    data[-1] ^= 1
+    (tampered / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportDirError, match=r"decoder\.onnx does not match its sha256"):
+        Captioner.from_dir(tampered)
+    assert Captioner.from_dir(tampered, verify=False).vocab_size == V  # the check is what refused it
+
+
+def test_session_options(captioner):
+    options = captioner.decoder.get_session_options()
+    assert options.inter_op_num_threads == 1 and options.intra_op_num_threads >= 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert captioner.providers[-1] == "CPUExecutionProvider"
+
+
+# ---------------------------------------------------------------------------------------------- no paddle
+BLOCKER = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('paddle', 'aoanet', 'export', 'paddle2onnx', 'torch'):
+            raise ImportError(f'{name} is blocked in this test')
+sys.meta_path.insert(0, Blocker())
+try:
+    import paddle
+    raise SystemExit('paddle was importable')
+except ImportError:
+    pass
+"""
+
+
+def test_runtime_works_where_paddle_cannot_be_imported(export_dir, data_dir, tmp_path):
+    out = tmp_path / "captions.json"
+    code = (
+        BLOCKER
+        + f"""
+import json, numpy as np
+from runtime import Captioner
+from runtime.cli import main
+c = Captioner.from_dir({str(export_dir)!r})
+rng = np.random.default_rng(0)
+r = c.caption([np.abs(rng.standard_normal((k, {F}))).astype(np.float32) for k in (3, 1, 5)], beam_size=2)
+assert len(r.captions) == 3
+try:
+    main(['--model', {str(export_dir)!r}, '--features', {str(data_dir)!r}, '--out', {str(out)!r},
+          '--no-progress'])
+except SystemExit as e:
+    assert not e.code, e.code
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'aoanet', 'export'))
+print(json.dumps({{'captions': r.captions, 'loaded': loaded}}))
+"""
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == [] and len(report["captions"]) == 3
+    assert len(json.loads(out.read_text())) == 10  # the test split
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def test_cli_backends_write_identical_results(export_dir, checkpoint, data_dir, tmp_path, capsys):
+    results = {}
+    for backend, source in (
+        ("onnx", ["--model", str(export_dir)]),
+        ("paddle", ["--checkpoint", str(checkpoint)]),
+    ):
+        out = tmp_path / f"{backend}.json"
+        code, stdout, err = run_cli(
+            [
+                "--backend",
+                backend,
+                *source,
+                "--features",
+                str(data_dir),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        assert "images/s" in stdout
+        results[backend] = out.read_text()
+    assert results["onnx"] == results["paddle"]
+    captions = json.loads(results["onnx"])
+    test_ids = [500 + 7 * i for i in range(30) if i % 3 == 2]
+    assert [c["image_id"] for c in captions] == test_ids  # the split, in cocotalk.json's order
+    assert all(set(c) == {"image_id", "caption"} and isinstance(c["caption"], str) for c in captions)
+    assert len({c["caption"] for c in captions}) > 1
+
+
+def test_cli_reads_a_plain_folder_and_overrides(export_dir, data_dir, tmp_path, capsys):
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    feat = np.abs(np.random.default_rng(0).standard_normal((4, F))).astype(np.float32)
+    np.save(folder / "12.npy", feat)
+    np.savez(folder / "3.npz", feat=feat[:2])
+    np.save(folder / "abc.npy", feat[:1])
+    out = tmp_path / "plain.json"
+    code, _, err = run_cli(["--model", str(export_dir), "--features", str(folder), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert [c["image_id"] for c in json.loads(out.read_text())] == [3, 12, "abc"]
+    # --input-json / --att-dir instead of a data dir; greedy; the val split
+    code, _, err = run_cli(
+        [
+            "--model",
+            str(export_dir),
+            "--input-json",
+            str(data_dir / "cocotalk.json"),
+            "--att-dir",
+            str(data_dir / "cocobu_att"),
+            "--split",
+            "val",
+            "--beam-size",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert [c["image_id"] for c in json.loads(out.read_text())] == [
+        500 + 7 * i for i in range(30) if i % 3 == 1
+    ]
+
+
+def _broken_data(data_dir: Path, dest: Path, image_id: int, feat) -> Path:
+    shutil.copytree(data_dir, dest)
+    path = dest / "cocobu_att" / f"{image_id}.npz"
+    if feat is None:
+        path.write_bytes(b"")
+    else:
+        np.savez_compressed(path, feat=feat)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "feat, message",
+    [
+        (None, "cannot read the feature file"),
+        (np.zeros((3, F + 1), np.float32), f"feature width {F + 1}, the model expects {F}"),
+        (np.zeros((0, F), np.float32), "0 regions"),
+    ],
+    ids=["empty-file", "wrong-width", "no-regions"],
+)
+def test_cli_bad_features_fail_without_output(export_dir, data_dir, tmp_path, capsys, feat, message):
+    last_test_image = 500 + 7 * 29
+    data = _broken_data(data_dir, tmp_path / "data", last_test_image, feat)
+    out = tmp_path / "captions.json"
+    code, _, err = run_cli(["--model", str(export_dir), "--features", str(data), "--out", str(out)], capsys)
+    assert code == 1
+    assert message in err and f"{last_test_image}.npz (image id {last_test_image})" in err
+    assert not out.exists() and not list(tmp_path.glob(".captions.json*"))
+
+
+def test_cli_refuses_a_bad_export_dir(export_dir, data_dir, tmp_path, capsys):
+    bad = _copy_export(export_dir, tmp_path / "bad")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    out = tmp_path / "captions.json"
+    code, _, err = run_cli(["--model", str(bad), "--features", str(data_dir), "--out", str(out)], capsys)
+    assert code == 1 and "unknown format_version 2" in err and "manifest.json" in err and not out.exists()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    (bad / "encoder.onnx").write_bytes((bad / "encoder.onnx").read_bytes() + b"\0")
+    code, _, err = run_cli(["--model", str(bad), "--features", str(data_dir), "--out", str(out)], capsys)
+    assert code == 1 and "encoder.onnx does not match its sha256" in err and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- features
+def test_feature_helpers(data_dir, tmp_path):
+    images = list_images(data_dir, "train")  # train includes restval; here: a third of the images
+    assert len(images) == 10 and all(isinstance(i.image_id, int) for i in images)
+    counts = [region_count(img, F) for img in images]
+    assert counts == [read_features(img, F).shape[0] for img in images]
+    plan = batch_plan(counts, 4)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(10)) and max(len(p) for p in plan) == 4
+    att, mask = pad_batch([read_features(images[i], F) for i in plan[0]])
+    assert att.shape[:2] == mask.shape and mask.sum(axis=1).tolist() == [counts[i] for i in plan[0]]
+    with pytest.raises(FeatureError, match="split 'bogus'"):
+        list_images(data_dir, "bogus")
+    np.savez(tmp_path / "7.npz", other=np.zeros((2, F)))
+    with pytest.raises(FeatureError, match=r"image id 7\): no array 'feat'"):
+        read_features(ImageFile(7, tmp_path / "7.npz"))
+    with pytest.raises(FeatureError, match="missing"):
+        region_count(ImageFile(8, tmp_path / "8.npz"))
