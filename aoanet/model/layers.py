@@ -198,11 +198,10 @@ class DecoderAttention(nn.Layer):
         self.linears = nn.LayerList([torch_linear(d_model, d_model)])
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, h, value, key, mask_bias):
-        # h [B, R]; value/key [B, N, R]
+    def forward(self, h, value_heads, key_heads, mask_bias):
+        # h [B, R]; value_heads/key_heads [B, h, N, d_k] (split once per sequence, not per step)
         q = _split_heads(self.linears[0](self.norm(h)).unsqueeze(1), self.num_heads)
-        out = attend(q, _split_heads(key, self.num_heads), _split_heads(value, self.num_heads), mask_bias, self.dropout)
-        return _merge_heads(out).squeeze(1)
+        return _merge_heads(attend(q, key_heads, value_heads, mask_bias, self.dropout)).squeeze(1)
 
 
 class AoADecoderCore(nn.Layer):
@@ -218,12 +217,16 @@ class AoADecoderCore(nn.Layer):
         self.out_drop = nn.Dropout(drop_prob_lm)
         self.out_res = out_res
 
-    def forward(self, xt, mean_feats, p_att_feats, mask_bias, state_h, state_c):
-        r = self.rnn_size
+    def split_memory(self, p_att_feats):
+        """ctx2att output -> (value heads, key heads), each [B, h, N, d_k]: first half values, second half keys."""
+        r, h = self.rnn_size, self.attention.num_heads
+        return _split_heads(p_att_feats[:, :, :r], h), _split_heads(p_att_feats[:, :, r:], h)
+
+    def forward(self, xt, mean_feats, memory, mask_bias, state_h, state_c):
+        """memory = split_memory(p_att_feats), computed once per sequence."""
         lstm_in = paddle.concat([xt, mean_feats + self.ctx_drop(state_h[1])], axis=1)
         h_att, c_att = self.att_lstm(lstm_in, (state_h[0], state_c[0]))[1]
-        # ctx2att output: first half the values, second half the keys
-        att = self.attention(h_att, p_att_feats[:, :, :r], p_att_feats[:, :, r:], mask_bias)
+        att = self.attention(h_att, memory[0], memory[1], mask_bias)
         ctx = self.att2ctx(paddle.concat([att, h_att], axis=1))
         next_h = paddle.stack([h_att, ctx])
         next_c = paddle.stack([c_att, state_c[1]])
