@@ -5,8 +5,8 @@ Document frequencies
     (the set union over one image's references: one count per image). ``save_document_frequency`` and
     ``load_document_frequency`` store it as gzip-compressed JSON (no pickle) tagged
     ``{"format": "aoanet-ngram-df", "version": 1}``. N-grams of int tokens are stored per order as one flat
-    integer list, n-grams of words as strings joined by U+001F, so a tuple of ints comes back as a tuple of ints
-    and a tuple of str as a tuple of str.
+    integer list, n-grams of words as strings joined by U+001F, so a tuple of ints comes back as a tuple of
+    ints and a tuple of str as a tuple of str.
 
 CIDEr-D
     ``CiderD(df, ref_len)``, ``CiderD.from_file(path)`` or ``CiderD.from_corpus(references)``; then
@@ -34,9 +34,9 @@ _SEP = "\x1f"  # ASCII unit separator: never part of a word token
 Caption = Sequence  # a sequence of tokens (ints or words), or a str split on whitespace
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Document frequencies
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _tokens(caption) -> tuple:
@@ -97,7 +97,7 @@ def save_document_frequency(path: str | os.PathLike, df: dict[tuple, int], ref_l
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, separators=(",", ":"))  # one dumps + one write: json.dump to a stream is 5x slower
+    text = json.dumps(payload, separators=(",", ":"))  # json.dump to a gzip stream is ~5x slower
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=3) as f:
         f.write(text)
 
@@ -139,17 +139,20 @@ def load_document_frequency(path: str | os.PathLike) -> tuple[dict[tuple, int], 
     return df, payload["ref_len"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # CIDEr-D
 #
-# The scoring is vectorised with numpy end to end. An n-gram of up to four tokens is packed into one uint64 key
-# (16 bits per token holding token_id + 1, so the key also encodes its order). A hash table of the document
-# frequencies, probed with whole arrays, turns keys into dense n-gram ids and idf values. Captions are processed
-# in buckets of equal length, so that their n-grams form dense rows: a row-wise sort then gives the term
-# frequencies, another row-wise sort merges each image's references, and one searchsorted over the merged
-# references (image-major, so globally sorted) finds every candidate n-gram's matches. Small-row sorts and
-# sorted-order searches are what make this fast; a global sort or random-order search costs 10-20x more.
-# ---------------------------------------------------------------------------------------------------------------
+# The scoring is vectorised with numpy end to end, with no Python loop over n-grams or captions:
+# - an n-gram of up to four tokens is packed into one uint64 key (16 bits per token holding token_id + 1, so
+#   the key also encodes its order); a hash table of the document frequencies, probed with whole arrays,
+#   turns keys into dense n-gram ids and idf values;
+# - captions are processed in buckets of equal length, so that their n-grams form dense rows: sorting each row
+#   gives the term frequencies;
+# - one row per image holds the n-grams of its references, then those of its candidates; sorting each row by
+#   (n-gram id, is-candidate) puts the references that hold an n-gram right before the candidates that hold
+#   it, which is the join needed for the clipped numerator.
+# Many small row sorts (np.sort, SIMD) cost far less than one global sort or a random-order search.
+# ------------------------------------------------------------------------------------------------------------
 
 _TOKEN_BITS = 16
 MAX_TOKEN_ID = (1 << _TOKEN_BITS) - 2  # the field value token_id + 1 must fit 16 bits and be non-zero
@@ -165,8 +168,9 @@ def _table_bits(n: int) -> int:
 class _HashTable:
     """Open addressing with linear probing over non-zero uint64 keys (0 marks an empty slot).
 
-    ``get_or_insert`` and ``lookup`` take whole arrays. Equal keys start at the same slot and probe in lock-step,
-    so duplicates within one call always end in the same slot; the slot index then serves as the key's id."""
+    ``get_or_insert`` and ``lookup`` take whole arrays. Equal keys start at the same slot and probe in
+    lock-step, so duplicates within one call always end in the same slot; the slot index then serves as the
+    key's id."""
 
     def __init__(self, n_keys: int):
         self.bits = _table_bits(n_keys)
@@ -220,12 +224,14 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     return owner, np.repeat(starts - first, counts) + np.arange(owner.shape[0])
 
 
-def _sort_rows(packed: list[np.ndarray], row: list[np.ndarray], local: list[np.ndarray], row_len: np.ndarray):
-    """Sort values within rows: entry i of part k (a non-negative int64 ``packed[k][i]``) sits at column
-    ``local[k][i]`` of row ``row[k][i]``; rows have ``row_len`` entries. Returns (sorted values, their rows), row by row (rows in an
-    arbitrary order). Rows are padded to a width rounded up to 1/8 of the longest row, grouped by width into
-    contiguous 2-D blocks and sorted in place with ``np.sort`` -- many small sorts cost far less than a global
-    sort. Callers pack what they need to recover (e.g. the column) into the low bits of the values."""
+def _sort_rows(row_len: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | int]]):
+    """Sort non-negative int64 values within rows.
+
+    ``parts``: (values, count per row, first column per row); a part's values are laid out row by row. Returns
+    (the sorted values, row by row in an arbitrary order of the rows, and where each non-empty row starts).
+    Rows are padded to a width rounded up to 1/8 of the longest row, grouped by width into contiguous 2-D
+    blocks and sorted in place with ``np.sort``: many small sorts cost far less than one global sort. Callers
+    pack what they need to recover into the low bits of the values."""
     if int(row_len.sum()) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     quantum = max(16, -(-int(row_len.max()) // 8))
@@ -234,8 +240,10 @@ def _sort_rows(packed: list[np.ndarray], row: list[np.ndarray], local: list[np.n
     offset = np.empty(row_len.shape[0], np.int64)
     offset[order] = np.cumsum(width[order]) - width[order]
     buf = np.full(int(width.sum()), _INT64_MAX)
-    for p, r, c in zip(packed, row, local, strict=True):
-        buf[offset[r] + c] = p
+    for values, counts, first_col in parts:
+        dest = np.repeat(offset + first_col - (np.cumsum(counts) - counts), counts)
+        dest += np.arange(values.shape[0])
+        buf[dest] = values
     w_sorted = width[order]
     cuts = np.flatnonzero(np.diff(w_sorted)) + 1
     for seg_first, seg_end in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(order)].tolist(), strict=True):
@@ -243,7 +251,8 @@ def _sort_rows(packed: list[np.ndarray], row: list[np.ndarray], local: list[np.n
         if w:
             a = int(offset[order[seg_first]])
             buf[a : a + w * (seg_end - seg_first)].reshape(-1, w).sort(axis=1)
-    return buf[buf != _INT64_MAX], np.repeat(order, row_len[order])
+    lens = row_len[order]
+    return buf[buf != _INT64_MAX], (np.cumsum(lens) - lens)[lens > 0]
 
 
 class _Vocab(dict):
@@ -280,34 +289,31 @@ class _Bags:
     __slots__ = ("gid", "order", "tf", "tf_int", "idf", "w", "start", "count", "norms", "bigram_len", "n_gid")
 
 
-def _index_captions(scorer: CiderD, ref_lists: list, candidates) -> tuple[list, list[list[int]], np.ndarray]:
+def _index_captions(scorer: CiderD, ref_lists: list, candidates):
     """Number the distinct captions of one call (references of each image, then candidates).
 
-    Returns (distinct captions as token tuples, each image's reference caption numbers, each candidate's caption
-    number). A caption object met again (the same list as candidate and reference) is recognised by identity;
-    ``flat`` keeps every object alive for the call, so no id can be reused meanwhile."""
+    Returns (distinct captions as token tuples, (caption number of every reference, image-major; references
+    per image), caption number of every candidate). Equal captions share a number, so each is vectorised once
+    however often it is used."""
     n_refs = [len(refs) for refs in ref_lists]
     flat = list(chain.from_iterable(ref_lists))
     flat.extend(candidates)
-    objects = list({id(c): c for c in flat}.values())
-    kinds = set(map(type, objects))
-    if scorer._int_tokens is not None and kinds <= {list, tuple}:
-        keys = list(map(tuple, objects))
+    index: dict[tuple, int] = {}
+    add = index.setdefault
+    if set(map(type, flat)) <= {list, tuple}:
+        ids = [add(tuple(c), len(index)) for c in flat]  # the common case, kept lean: ~0.5 us a caption
     else:
-        keys = []
-        for c in objects:
+        ids = []
+        for pos, c in enumerate(flat):
             try:
-                keys.append(scorer._canon(c))
+                ids.append(add(scorer._canon(c), len(index)))
             except (TypeError, ValueError) as err:
-                raise type(err)(f"{_where(flat.index(c), n_refs)}: {err}") from None
-    number = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    of_object = dict(zip(map(id, objects), map(number.__getitem__, keys), strict=True))
-    ids = np.fromiter(map(of_object.__getitem__, map(id, flat)), np.int64, len(flat))
+                raise type(err)(f"{_where(pos, n_refs)}: {err}") from None
+    if scorer._int_tokens is None:  # no document frequencies to tell: ids if every token is one
+        scorer._int_tokens = _all_id_tokens(chain.from_iterable(index))
+    ids = np.asarray(ids, np.int64)
     n_ref_total = sum(n_refs)
-    bounds = np.cumsum(n_refs).tolist()
-    ref_ids = ids[:n_ref_total].tolist()
-    ref_text = [ref_ids[a:b] for a, b in zip([0] + bounds[:-1], bounds, strict=True)]
-    return list(number), ref_text, ids[n_ref_total:]
+    return list(index), (ids[:n_ref_total], np.asarray(n_refs, np.int64)), ids[n_ref_total:]
 
 
 def _where(pos: int, n_refs: list[int]) -> str:
@@ -328,20 +334,20 @@ class CiderD:
         score(c) = 10 / m * sum_j mean_n [ sum_{x of order n} min(g_c(x), g_rj(x)) * g_rj(x)
                                            / (|g_c|_n * |g_rj|_n) ] * exp(-(len_c - len_rj)^2 / (2 * 6^2))
 
-    The division is skipped when either norm is 0; an n-gram missing from the document frequencies gets the full
-    idf log(ref_len); and -- the reference's quirk -- ``len`` is the sum of the caption's bigram counts, i.e. its
-    token count minus one (0 for a caption of at most one token), not its token count.
+    The division is skipped when either norm is 0; an n-gram missing from the document frequencies gets the
+    full idf log(ref_len); and -- the reference's quirk -- ``len`` is the sum of the caption's bigram counts,
+    i.e. its token count minus one (0 for a caption of at most one token), not its token count.
 
-    Tokens are token ids (ints in 0..65534; the trainer passes sequences cut after their first 0 with the 0 kept,
-    see :func:`cut_at_eos`) or words; a caption may also be a str, split on whitespace. As in the reference,
-    which compares strings, the int token 5 and the str token "5" are the same token. Whether a scorer works on
-    ids or words follows its document frequencies (int or decimal-string tokens: ids).
+    Tokens are token ids (ints in 0..65534; the trainer passes sequences cut after their first 0 with the 0
+    kept, see :func:`cut_at_eos`) or words; a caption may also be a str, split on whitespace. As in the
+    reference, which compares strings, the int token 5 and the str token "5" are the same token. Whether a
+    scorer works on ids or words follows its document frequencies (int or decimal-string tokens: ids).
 
     Sharing: within one call, captions are deduplicated by their token tuple, so each distinct reference is
     vectorised once however many candidates use it (SCST: 5 samples + the greedy caption per image), and the
-    references of an image are merged once per distinct reference list. ``score_groups`` states the grouping
-    directly; ``__call__`` finds equal reference lists itself. Nothing is kept across calls: in SCST each batch
-    brings new images, so a cross-call cache would not hit within an epoch.
+    references of an image are merged once per image. ``score_groups`` states the grouping directly;
+    ``__call__`` groups candidates that were given the same list object of references. Nothing is kept across
+    calls: in SCST each batch brings new images, so a cross-call cache would not hit within an epoch.
     """
 
     def __init__(self, document_frequency: dict[tuple, float] | None, ref_len: float, sigma: float = SIGMA):
@@ -381,15 +387,33 @@ class CiderD:
         self._log_ref_len = float(np.log(float(ref_len)))
         self._df_table = _HashTable(keys.shape[0])
         slots = self._df_table.get_or_insert(keys)
-        self._df_idf = np.full(self._df_table.size, self._log_ref_len)
+        # one slot past the table: ids beyond it (n-grams without a document frequency) clip to it, full idf
+        self._df_idf = np.full(self._df_table.size + 1, self._log_ref_len)
         self._df_idf[slots] = self._log_ref_len - np.log(np.maximum(1.0, counts))
 
-    # ---- constructors ---------------------------------------------------------------------------------------
+    # ---- constructors --------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike, sigma: float = SIGMA) -> CiderD:
         """A scorer with the document frequencies written by :func:`save_document_frequency`."""
-        df, ref_len = load_document_frequency(path)
-        return cls(df, ref_len, sigma)
+        payload = _read_df_payload(Path(path))
+        if payload.get("str_ngrams"):
+            df, ref_len = load_document_frequency(path)
+            return cls(df, ref_len, sigma)
+        keys, counts = [], []  # token ids only: pack straight from the flat arrays, no tuples
+        for n_str, block in payload.get("int_ngrams", {}).items():
+            n = int(n_str)
+            if not 1 <= n <= N_MAX:
+                raise ValueError(f"{path}: field 'int_ngrams.{n_str}': CIDEr-D uses 1..{N_MAX}-grams")
+            tokens = np.asarray(block["tokens"], np.int64).reshape(-1, n)
+            _check_id_range(tokens, f"{path}: field 'int_ngrams.{n_str}'")
+            keys.append(_pack_rows((tokens + 1).astype(np.uint64)))
+            counts.append(np.asarray(block["counts"], np.float64))
+        self = cls.__new__(cls)
+        self._vocab = _Vocab()
+        self._init(np.concatenate(keys) if keys else np.zeros(0, np.uint64),
+                   np.concatenate(counts) if counts else np.zeros(0), payload["ref_len"], sigma,
+                   True if keys else None)
+        return self
 
     @classmethod
     def from_corpus(cls, references: Sequence[Sequence[Caption]], sigma: float = SIGMA) -> CiderD:
@@ -403,27 +427,27 @@ class CiderD:
         # With an empty table every n-gram is a "miss" and gets a per-call id; count images per id.
         texts, ref_text, _ = _index_captions(self, list(references), [])
         bags, miss_keys = self._bags(texts, return_miss_keys=True)
-        _, (img, _, ent) = self._image_entries(bags, ref_text)
-        per_img = np.bincount(img, minlength=len(references))
-        gid, img = _sort_rows([bags.gid[ent]], [img], [np.arange(ent.shape[0]) - (np.cumsum(per_img) - per_img)[img]],
-                              per_img)
+        ent, _, per_img, _ = self._image_entries(bags, ref_text)
+        gid, row_starts = _sort_rows(per_img, [(bags.gid[ent], per_img, 0)])
         first = np.ones(gid.shape[0], bool)
-        first[1:] = (gid[1:] != gid[:-1]) | (img[1:] != img[:-1])
+        first[1:] = gid[1:] != gid[:-1]
+        first[row_starts] = True
         df = np.bincount(gid[first], minlength=bags.n_gid)
         present = np.flatnonzero(df)
         keys = miss_keys[present - self._df_table.size]
         self._init(keys, df[present].astype(np.float64), len(references), sigma, self._int_tokens)
         return self
 
-    # ---- scoring --------------------------------------------------------------------------------------------
+    # ---- scoring -------------------------------------------------------------------------------------------
     def __call__(self, candidates: Sequence[Caption], references: Sequence[Sequence[Caption]]) -> np.ndarray:
         """CIDEr-D of ``candidates[i]`` against its references ``references[i]``; float64 array.
 
         Candidates that are given the same list object of references share its merged reference vectors (pass
-        ``[refs_of_image[b] for b in image_of_candidate]``); equal copies give the same scores, a bit slower."""
+        ``[refs_of_image[b] for b in image_of_candidate]``); equal copies give the same scores, a bit
+        slower."""
         if len(candidates) != len(references):
-            raise ValueError(f"candidates has {len(candidates)} captions but references has {len(references)} "
-                             f"lists of references")
+            raise ValueError(f"candidates has {len(candidates)} captions but references has "
+                             f"{len(references)} lists of references")
         references = list(references)  # keeps the reference containers alive: their ids stay unique
         group_of: dict[int, int] = {}
         ref_lists: list = []
@@ -458,30 +482,27 @@ class CiderD:
             group_idx = group_idx.astype(np.int64)
             bad = np.flatnonzero((group_idx < 0) | (group_idx >= n_img))
             if bad.size:
-                raise ValueError(f"group[{bad[0]}] = {group_idx[bad[0]]} is not an image index (0..{n_img - 1})")
+                raise ValueError(f"group[{bad[0]}] = {group_idx[bad[0]]} is not an image index "
+                                 f"(0..{n_img - 1})")
         ref_lists = [refs if type(refs) in (list, tuple) else list(refs) for refs in references_per_image]
         return self._score(*_index_captions(self, ref_lists, candidates), group_idx)
 
-    # ---- internals ------------------------------------------------------------------------------------------
-    def _canon(self, caption, where: str = "caption") -> tuple:
-        """A caption as a hashable tuple of tokens (ints for an id scorer, words otherwise)."""
+    # ---- internals -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _canon(caption) -> tuple:
+        """A caption as a hashable tuple of tokens."""
         t = type(caption)
         if t is tuple or t is list:
-            if self._int_tokens is None and caption:
-                self._int_tokens = _is_id_token(caption[0])
             return tuple(caption)
-        if t is str or isinstance(caption, str):
-            tokens = caption.split()
-            if self._int_tokens is None and tokens:
-                self._int_tokens = tokens[0].isdecimal()
-            return tuple(tokens)
+        if isinstance(caption, str):
+            return tuple(caption.split())
         if isinstance(caption, np.ndarray):
             if caption.ndim != 1:
-                raise ValueError(f"{where}: a caption must be 1-D, got an array of shape {caption.shape}")
-            return self._canon(caption.tolist(), where)
+                raise ValueError(f"a caption must be 1-D, got an array of shape {caption.shape}")
+            return tuple(caption.tolist())
         if isinstance(caption, Sequence):
-            return self._canon(list(caption), where)
-        raise TypeError(f"{where}: a caption must be a str or a sequence of tokens, got {t.__name__}")
+            return tuple(caption)
+        raise TypeError(f"a caption must be a str or a sequence of tokens, got {t.__name__}")
 
     def _encode(self, texts: list[tuple], total: int) -> np.ndarray:
         """Field values (token id + 1, uint64) of all tokens of ``texts``, back to back."""
@@ -503,20 +524,23 @@ class CiderD:
         by_len = np.argsort(lengths, kind="stable")
         sorted_len = lengths[by_len]
         cuts = np.flatnonzero(np.diff(sorted_len)) + 1
-        # 1. dense n-gram rows per caption length: [captions of length L, 4L - 6] keys
-        buckets = []
-        for seg in np.split(by_len, cuts):
-            L = int(lengths[seg[0]]) if seg.size else 0
-            if L == 0:
-                continue
+        # 1. dense n-gram rows per caption length: [captions of length L, 4L - 6] keys, all in one array
+        segs = [seg for seg in np.split(by_len, cuts) if seg.size and lengths[seg[0]] > 0]
+        n_grams = [max(0, 4 * int(lengths[seg[0]]) - 6) if lengths[seg[0]] >= 4
+                   else int(lengths[seg[0]]) * (int(lengths[seg[0]]) + 1) // 2 for seg in segs]
+        all_keys = np.empty(sum(g * seg.size for g, seg in zip(n_grams, segs, strict=True)), np.uint64)
+        buckets, offset = [], 0
+        for seg, w in zip(segs, n_grams, strict=True):
+            L = int(lengths[seg[0]])
             tok = fields[tok_start[seg][:, None] + np.arange(L)]
             cols, orders, cur = [tok], [np.zeros(L, np.int64)], tok
             for k in range(1, min(N_MAX, L)):
                 cur = cur[:, :-1] | (tok[:, k:] << np.uint64(_TOKEN_BITS * k))
                 cols.append(cur)
                 orders.append(np.full(L - k, k, np.int64))
-            buckets.append((seg, np.hstack(cols), np.concatenate(orders)))
-        all_keys = np.concatenate([b[1].reshape(-1) for b in buckets]) if buckets else np.zeros(0, np.uint64)
+            np.concatenate(cols, axis=1, out=all_keys[offset : offset + seg.size * w].reshape(seg.size, w))
+            buckets.append((seg, w, offset, np.concatenate(orders)))
+            offset += seg.size * w
         # 2. n-gram ids: the df table slot, or a per-call id for n-grams the table does not hold
         gid = self._df_table.lookup(all_keys)
         miss = gid < 0
@@ -525,20 +549,21 @@ class CiderD:
         n_gid = self._df_table.size + miss_table.size
         # 3. term frequencies: sort each caption's row of ids, count runs
         u_gid, u_order, u_tf, u_text = [], [], [], []
-        offset = 0
-        for seg, keys, orders in buckets:
-            n, w = keys.shape
+        count = np.zeros(n_text, np.int64)
+        for seg, w, offset, orders in buckets:
+            n = seg.size
             v = (gid[offset : offset + n * w].reshape(n, w) << 2) | orders  # id and order sort together
-            offset += n * w
             v.sort(axis=1)
             first = np.ones((n, w), bool)
-            first[:, 1:] = v[:, 1:] != v[:, :-1]
+            np.not_equal(v[:, 1:], v[:, :-1], out=first[:, 1:])
             pos = np.flatnonzero(first)
             u_tf.append(np.diff(np.append(pos, n * w)))
             v = v.reshape(-1)[pos]
             u_gid.append(v >> 2)
             u_order.append(v & 3)
-            u_text.append(seg[pos // w])
+            per_row = first.sum(axis=1)
+            count[seg] = per_row
+            u_text.append(np.repeat(seg, per_row))
         bags = _Bags()
         empty = np.zeros(0, np.int64)
         bags.gid = np.concatenate(u_gid) if u_gid else empty
@@ -546,12 +571,11 @@ class CiderD:
         bags.tf_int = np.concatenate(u_tf) if u_tf else empty
         bags.tf = bags.tf_int.astype(np.float64)
         text = np.concatenate(u_text) if u_text else empty
-        bags.count = np.bincount(text, minlength=n_text)
-        in_order = bags.count[by_len]  # entries are laid out in by_len order of captions
+        bags.count = count
+        in_order = count[by_len]  # entries are laid out in by_len order of captions
         bags.start = np.empty(n_text, np.int64)
         bags.start[by_len] = np.cumsum(in_order) - in_order
-        in_df = bags.gid < self._df_table.size  # other ids: n-grams without a document frequency, full idf
-        bags.idf = np.where(in_df, self._df_idf[np.where(in_df, bags.gid, 0)], self._log_ref_len)
+        bags.idf = self._df_idf.take(bags.gid, mode="clip")
         bags.n_gid = n_gid
         bags.w = w = bags.tf * bags.idf
         norms = np.bincount(text * N_MAX + bags.order, w * w, minlength=(n_text + 1) * N_MAX)
@@ -562,21 +586,22 @@ class CiderD:
         return bags
 
     @staticmethod
-    def _image_entries(bags: _Bags, ref_text: list[list[int]]):
-        """For every reference of every image (image-major): its caption, image and column; and for every
-        entry of those references: its image, column and entry index."""
-        n_refs = np.fromiter(map(len, ref_text), np.int64, len(ref_text))
-        occ_text = np.fromiter(chain.from_iterable(ref_text), np.int64, int(n_refs.sum()))
-        occ_img = np.repeat(np.arange(len(ref_text)), n_refs)
+    def _image_entries(bags: _Bags, ref_text: tuple[np.ndarray, np.ndarray]):
+        """The entries of every reference of every image, image-major: (entry index, reference column, entries
+        per image, column of every reference)."""
+        occ_text, n_refs = ref_text
         occ_col = np.arange(occ_text.shape[0]) - np.repeat(np.cumsum(n_refs) - n_refs, n_refs)
-        owner, ent = _expand(bags.start[occ_text], bags.count[occ_text])
-        return (occ_text, occ_img, occ_col), (occ_img[owner], occ_col[owner], ent)
+        cnt = bags.count[occ_text]
+        ent = np.repeat(bags.start[occ_text] - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        per_img = np.bincount(np.repeat(np.arange(n_refs.shape[0]), n_refs), cnt, minlength=n_refs.shape[0])
+        return ent, np.repeat(occ_col, cnt), per_img.astype(np.int64), occ_col
 
-    def _score(self, texts: list[tuple], ref_text: list[list[int]], cand_text: np.ndarray, group: np.ndarray):
-        n_cand, n_img = cand_text.shape[0], len(ref_text)
+    def _score(self, texts: list[tuple], ref_text: tuple[np.ndarray, np.ndarray], cand_text: np.ndarray,
+               group: np.ndarray) -> np.ndarray:
+        occ_text, n_refs = ref_text
+        n_cand, n_img = cand_text.shape[0], n_refs.shape[0]
         if n_cand == 0:
             return np.zeros(0)
-        n_refs = np.fromiter(map(len, ref_text), np.int64, n_img)
         if (n_refs[group] == 0).any():
             i = int(np.flatnonzero(n_refs[group] == 0)[0])
             raise ValueError(f"candidate {i} has an empty list of references (CIDEr-D needs at least one)")
@@ -587,43 +612,45 @@ class CiderD:
         # One row per image: the entries of its references (flag 0), then those of its candidates (flag 1).
         # Sorting each row by (n-gram id, flag) puts, for every n-gram, the references holding it right before
         # the candidates holding it: a run of equal ids is one n-gram of one image.
-        (occ_text, occ_img, occ_col), (r_img, r_col, r_ent) = self._image_entries(bags, ref_text)
+        r_ent, r_col, n_r, occ_col = self._image_entries(bags, ref_text)
         by_img = np.argsort(group, kind="stable")
-        c_owner, c_ent = _expand(bags.start[cand_text[by_img]], bags.count[cand_text[by_img]])
-        c_owner = by_img[c_owner]
-        c_img = group[c_owner]
-        n_r, n_c = np.bincount(r_img, minlength=n_img), np.bincount(c_img, minlength=n_img)
-        c_first = np.cumsum(n_c) - n_c
-        r_local = np.arange(r_ent.shape[0]) - (np.cumsum(n_r) - n_r)[r_img]
-        c_local = np.arange(c_ent.shape[0]) - c_first[c_img]
-        row_len = n_r + n_c
-        # low bits of a sort key: a reference entry's (tf, column), a candidate entry's position in its row
+        c_text = cand_text[by_img]
+        c_cnt = bags.count[c_text]
+        n_c_ent = int(c_cnt.sum())
+        c_ent = np.repeat(bags.start[c_text] - (np.cumsum(c_cnt) - c_cnt), c_cnt) + np.arange(n_c_ent)
+        c_owner = np.repeat(by_img, c_cnt)
+        n_c = np.bincount(group[by_img], c_cnt, minlength=n_img).astype(np.int64)
+        # low bits of a sort key: a reference entry's (tf, column), a candidate entry's index
         r_tf = bags.tf_int[r_ent]
         col_bits = max(r_max - 1, 1).bit_length()
-        low = max(max(int(row_len.max()) - 1, 1).bit_length(), int(r_tf.max()).bit_length() + col_bits)
+        tf_bits = int(r_tf.max()).bit_length() if r_tf.size else 1
+        low = max(max(n_c_ent - 1, 1).bit_length(), tf_bits + col_bits)
         if (int(bags.n_gid) << (low + 1)) >= 1 << 62:
             raise ValueError("CiderD: call too large to pack into int64 keys (split it into smaller calls)")
-        packed, row = _sort_rows(
-            [(bags.gid[r_ent] << (low + 1)) | (r_tf << col_bits) | r_col,
-             (bags.gid[c_ent] << (low + 1)) | (1 << low) | c_local],
-            [r_img, c_img], [r_local, n_r[c_img] + c_local], row_len)
+        packed, row_starts = _sort_rows(n_r + n_c, [
+            ((bags.gid[r_ent] << (low + 1)) | (r_tf << col_bits) | r_col, n_r, 0),
+            ((bags.gid[c_ent] << (low + 1)) | (1 << low) | np.arange(n_c_ent), n_c, n_r)])
         gram = packed >> (low + 1)
-        is_cand = ((packed >> low) & 1).astype(bool)
-        run_start = np.ones(packed.shape[0], bool)
-        run_start[1:] = (gram[1:] != gram[:-1]) | (row[1:] != row[:-1])
+        is_cand = (packed >> low) & 1
+        run_start = np.empty(packed.shape[0], bool)
+        run_start[:1] = True
+        np.not_equal(gram[1:], gram[:-1], out=run_start[1:])
+        run_start[row_starts] = True
         run_id = np.cumsum(run_start) - 1
         starts = np.flatnonzero(run_start)
-        refs_in_run = np.bincount(run_id, weights=~is_cand, minlength=starts.shape[0]).astype(np.int64)
+        n_ref_before = np.concatenate([[0], np.cumsum(1 - is_cand)])
+        refs_in_run = n_ref_before[np.append(starts[1:], packed.shape[0])] - n_ref_before[starts]
 
         # every candidate entry against every reference entry of its run (the references come first)
         pos = np.flatnonzero(is_cand)
-        cnt = refs_in_run[run_id[pos]]
+        rid = run_id[pos]
+        cnt = refs_in_run[rid]
         keep = cnt > 0
-        pos, cnt = pos[keep], cnt[keep]
-        c_i = c_first[row[pos]] + (packed[pos] & ((1 << low) - 1))
+        pos, rid, cnt = pos[keep], rid[keep], cnt[keep]
+        c_i = packed[pos] & ((1 << low) - 1)
         e = c_ent[c_i]
         base = c_owner[c_i] * (r_max * N_MAX) + bags.order[e]
-        ref_pos = np.repeat(starts[run_id[pos]] - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        ref_pos = np.repeat(starts[rid] - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
         payload = packed[ref_pos]
         r = ((payload >> col_bits) & ((1 << (low - col_bits)) - 1)) * np.repeat(bags.idf[e], cnt)
         h = np.repeat(bags.w[e], cnt)
@@ -633,7 +660,7 @@ class CiderD:
 
         # cosine with the reference's zero-norm rule, length penalty, means
         ref_table = np.full((n_img, r_max), n_text, np.int64)  # caption n_text: padding, norm 0
-        ref_table[occ_img, occ_col] = occ_text
+        ref_table[np.repeat(np.arange(n_img), n_refs), occ_col] = occ_text
         refs_of = ref_table[group]
         norm_h = bags.norms[cand_text][:, None, :]
         norm_r = bags.norms[refs_of]
@@ -652,8 +679,17 @@ def _pack_rows(fields: np.ndarray) -> np.ndarray:
     return key
 
 
-def _is_id_token(t) -> bool:
-    return (isinstance(t, (int, np.integer)) and not isinstance(t, bool)) or (isinstance(t, str) and t.isdecimal())
+def _all_id_tokens(tokens) -> bool | None:
+    """True if every token is an int or a decimal string, False if some is a word, None if there are none."""
+    tokens = list(tokens)
+    kinds = set(map(type, tokens))
+    if not kinds:
+        return None
+    if str in kinds:
+        if not all(t.isdecimal() for t in tokens if type(t) is str):
+            return False
+        kinds.discard(str)
+    return all(issubclass(k, (int, np.integer)) and k is not bool for k in kinds)
 
 
 def _as_id(t) -> int:
