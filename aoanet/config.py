@@ -63,7 +63,8 @@ class TrainConfig:
     scheduled_sampling_max_prob: float = 0.5
     save_checkpoint_every: int = 6000  # iterations; -1: at the end of every epoch
     losses_log_every: int = 25
-    num_threads: int = 0  # CPU threads for Paddle; 0: all cores
+    num_threads: int = 0  # CPU threads for Paddle; 0: all cores (shared among the ranks of a machine)
+    amp: str = "none"  # mixed precision: none | bf16 | fp16 (GPU only; see aoanet.train.amp)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Config:
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "val": ValConfig, "scst": ScstConfig}
 CHOICES = {
     ("train", "grad_clip_mode"): ("value", "norm"),
+    ("train", "amp"): ("none", "bf16", "fp16"),
     ("scst", "baseline"): ("greedy", "new_self_critical"),
 }
 
@@ -132,7 +134,9 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     allowed = set(SECTIONS) | {"model"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"{source}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(sorted(allowed))}"
+        )
     cfg = Config()
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}

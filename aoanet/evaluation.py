@@ -27,13 +27,25 @@ def load_references(path) -> dict[int, list[str]]:
             image_id = int(img.get("cocoid", img.get("id", img.get("imgid"))))
             refs[image_id] = [s.get("raw") or " ".join(s["tokens"]) for s in img["sentences"]]
     else:
-        raise ValueError(f"{path}: neither a COCO annotation file ('annotations') nor a Karpathy split ('images')")
+        raise ValueError(
+            f"{path}: neither a COCO annotation file ('annotations') nor a Karpathy split ('images')"
+        )
     return refs
 
 
-def predict(model, data, split: str, beam_size: int = 1, max_length: int = 20, batch_size: int = 50,
-            num_images: int = -1, num_workers: int = 0, progress: bool = True, vocab: dict | None = None,
-            **decode_options) -> list[dict]:
+def predict(
+    model,
+    data,
+    split: str,
+    beam_size: int = 1,
+    max_length: int = 20,
+    batch_size: int = 50,
+    num_images: int = -1,
+    num_workers: int = 0,
+    progress: bool = True,
+    vocab: dict | None = None,
+    **decode_options,
+) -> list[dict]:
     """Captions for a split in the COCO results format: [{"image_id", "caption"}] in split order.
 
     ``vocab`` (ix_to_word) decodes the tokens: pass the checkpoint's own, which need not equal the data's
@@ -46,15 +58,18 @@ def predict(model, data, split: str, beam_size: int = 1, max_length: int = 20, b
     was_training = model.training
     model.eval()
     results: list[dict] = []
-    bar = tqdm(total=total, desc=f"decode {split} (beam {beam_size})", unit="img", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=total, desc=f"decode {split} (beam {beam_size})", unit="img", disable=not progress, leave=False
+    )
     try:
         for batch in loader:
             take = min(len(batch["image_ids"]), total - len(results))
             feats = paddle.to_tensor(np.asarray(batch["att_feats"][:take]))
             masks = paddle.to_tensor(np.asarray(batch["att_masks"][:take]))
             res = model.decode(feats, masks, beam_size=beam_size, max_length=max_length, **decode_options)
-            for image_id, caption in zip(batch["image_ids"][:take], decode_sequence(vocab or data.vocab, res.seqs)):
+            for image_id, caption in zip(
+                batch["image_ids"][:take], decode_sequence(vocab or data.vocab, res.seqs)
+            ):
                 results.append({"image_id": int(image_id), "caption": caption})
             bar.update(take)
             if len(results) >= total:

@@ -173,6 +173,7 @@ class Captioner:
         self.unk_id = int(manifest["unk_id"])
         self.ix_to_word = {str(k): w for k, w in manifest["ix_to_word"].items()}
         self._bad_ending_ids = bad_ending_ids(self.ix_to_word)
+        self.export_dir: Path | None = None
 
     @classmethod
     def from_dir(
@@ -197,6 +198,8 @@ class Captioner:
                 sessions.append(ort.InferenceSession(data, sess_options=options, providers=providers))
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ExportDirError(f"{export_dir / name}: onnxruntime cannot load it ({e})") from None
+        if CUDA in providers and CUDA not in sessions[1].get_providers():
+            log.warning("aoanet runtime: CUDAExecutionProvider could not be initialised, running on the CPU")
         captioner = cls(sessions[0], sessions[1], manifest)
         captioner.export_dir = export_dir
         return captioner

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from runtime.beam import length_penalty_fn
 from runtime.features import (
     FeatureError,
     ImageFile,
@@ -178,6 +179,7 @@ def infer(
     try:
         if features is None and input_json is None and att_dir is None:
             raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
+        length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
         images = list_images(features, split, input_json=input_json, att_dir=att_dir)
         if num_images >= 0:
             images = images[:num_images]

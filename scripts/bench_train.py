@@ -73,7 +73,7 @@ def bench_xe(model, opt, root, ids, iters, rng, repeat_before_encoder=False):
     parts = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for it in range(iters + 1):  # the first iteration is warm-up
         batch_ids = ids[(it * IMAGES) % len(ids) :][:IMAGES]
-        (att, mask, labels, masks, _), t_data = timed(lambda: load_batch(root, batch_ids, rng))
+        (att, mask, labels, masks, _), t_data = timed(lambda ids=batch_ids: load_batch(root, ids, rng))
         t0 = time.perf_counter()
         feats, fmask = paddle.to_tensor(att), paddle.to_tensor(mask)
         lab, lmask = paddle.to_tensor(labels), paddle.to_tensor(masks)
@@ -111,7 +111,7 @@ def bench_scst(model, opt, root, ids, iters, rng):
     scorer = None
     for it in range(iters + 1):
         batch_ids = ids[(it * IMAGES) % len(ids) :][:IMAGES]
-        (att, mask, labels, masks, gts), t_data = timed(lambda: load_batch(root, batch_ids, rng))
+        (att, mask, labels, masks, gts), t_data = timed(lambda ids=batch_ids: load_batch(root, ids, rng))
         if scorer is None:  # df from a synthetic corpus of the same shape as the reward's
             scorer = CiderD.from_corpus([[tuple(r) for r in g] for g in gts] * 50)
         feats, fmask = paddle.to_tensor(att), paddle.to_tensor(mask)

@@ -36,10 +36,26 @@ def read_json(path):
 def stage_data(images: int):
     if not (DATA / "dataset_coco.json").is_file():
         run("aoanet-data", "synth", "--out", DATA, "--images", images)
-    run("aoanet-data", "prepro", "--input-json", DATA / "dataset_coco.json",
-        "--output-json", DATA / "cocotalk.json", "--output-h5", DATA / "cocotalk_label.h5")
-    run("aoanet-data", "ngrams", "--input-json", DATA / "dataset_coco.json", "--dict-json", DATA / "cocotalk.json",
-        "--out", DATA / "coco-train-ngrams.json.gz")
+    run(
+        "aoanet-data",
+        "prepro",
+        "--input-json",
+        DATA / "dataset_coco.json",
+        "--output-json",
+        DATA / "cocotalk.json",
+        "--output-h5",
+        DATA / "cocotalk_label.h5",
+    )
+    run(
+        "aoanet-data",
+        "ngrams",
+        "--input-json",
+        DATA / "dataset_coco.json",
+        "--dict-json",
+        DATA / "cocotalk.json",
+        "--out",
+        DATA / "coco-train-ngrams.json.gz",
+    )
     run("aoanet-data", "check", DATA)
 
 
@@ -53,8 +69,19 @@ def baseline_nn() -> dict:
 
 def evaluate(checkpoint: Path, name: str, beam_size: int) -> dict:
     out = DEMO / f"{name}_test_captions.json"
-    run("aoanet-eval", "--checkpoint", checkpoint, "--split", "test", "--beam-size", beam_size, "--out", out,
-        "--metrics-out", DEMO / f"{name}_test_metrics.json")
+    run(
+        "aoanet-eval",
+        "--checkpoint",
+        checkpoint,
+        "--split",
+        "test",
+        "--beam-size",
+        beam_size,
+        "--out",
+        out,
+        "--metrics-out",
+        DEMO / f"{name}_test_metrics.json",
+    )
     metrics = read_json(DEMO / f"{name}_test_metrics.json")
     return {k: metrics[k] for k in (*METRICS, "SPICE") if k in metrics}
 
@@ -64,11 +91,37 @@ def infer_parity(export_dir: Path, checkpoint: Path, beam_sizes=(1, 2, 3)) -> di
     for k in beam_sizes:
         onnx_out, paddle_out = DEMO / f"infer_onnx_b{k}.json", DEMO / f"infer_paddle_b{k}.json"
         t = time.perf_counter()
-        run("aoanet-infer", "--backend", "onnx", "--model", export_dir, "--features", DATA, "--split", "test",
-            "--beam-size", k, "--out", onnx_out)
+        run(
+            "aoanet-infer",
+            "--backend",
+            "onnx",
+            "--model",
+            export_dir,
+            "--features",
+            DATA,
+            "--split",
+            "test",
+            "--beam-size",
+            k,
+            "--out",
+            onnx_out,
+        )
         elapsed = time.perf_counter() - t
-        run("aoanet-infer", "--backend", "paddle", "--checkpoint", checkpoint, "--features", DATA, "--split", "test",
-            "--beam-size", k, "--out", paddle_out)
+        run(
+            "aoanet-infer",
+            "--backend",
+            "paddle",
+            "--checkpoint",
+            checkpoint,
+            "--features",
+            DATA,
+            "--split",
+            "test",
+            "--beam-size",
+            k,
+            "--out",
+            paddle_out,
+        )
         a = {p["image_id"]: p["caption"] for p in read_json(onnx_out)}
         b = {p["image_id"]: p["caption"] for p in read_json(paddle_out)}
         if set(a) != set(b):
@@ -76,23 +129,35 @@ def infer_parity(export_dir: Path, checkpoint: Path, beam_sizes=(1, 2, 3)) -> di
         equal += sum(a[i] == b[i] for i in a)
         total += len(a)
         rates.append(len(a) / elapsed)
-    return {"captions_equal_paddle": equal / total, "images_compared": total, "beam_sizes": list(beam_sizes),
-            "images_per_s": max(rates), "images_per_s_note": "end to end incl. process start, beam sizes 1-3"}
+    return {
+        "captions_equal_paddle": equal / total,
+        "images_compared": total,
+        "beam_sizes": list(beam_sizes),
+        "images_per_s": max(rates),
+        "images_per_s_note": "end to end incl. process start, beam sizes 1-3",
+    }
 
 
 def table(report: dict) -> str:
-    rows = [("baseline_nn", report.get("baseline_nn", {})), ("xe", report.get("xe", {})),
-            ("scst", report.get("scst", {}))]
+    rows = [
+        ("baseline_nn", report.get("baseline_nn", {})),
+        ("xe", report.get("xe", {})),
+        ("scst", report.get("scst", {})),
+    ]
     lines = [f"{'stage':12s}" + "".join(f"{m:>9s}" for m in METRICS)]
     for name, m in rows:
         if m:
             lines.append(f"{name:12s}" + "".join(f"{m.get(k, float('nan')):9.3f}" for k in METRICS))
     if "export" in report:
-        lines.append(f"export: max |logprob diff| paddle vs onnx = {report['export']['max_abs_diff_logprobs']:.2e}")
+        lines.append(
+            f"export: max |logprob diff| paddle vs onnx = {report['export']['max_abs_diff_logprobs']:.2e}"
+        )
     if "infer" in report:
         i = report["infer"]
-        lines.append(f"infer: captions equal to paddle = {i['captions_equal_paddle']:.3f} "
-                     f"({i['images_compared']} captions), {i['images_per_s']:.1f} images/s")
+        lines.append(
+            f"infer: captions equal to paddle = {i['captions_equal_paddle']:.3f} "
+            f"({i['images_compared']} captions), {i['images_per_s']:.1f} images/s"
+        )
     return "\n".join(lines)
 
 

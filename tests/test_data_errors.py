@@ -1,6 +1,8 @@
 """Bad input gives a clear error naming the file and the image id; `check` lists every problem at once."""
 
 import json
+import multiprocessing as mp
+import os
 
 import h5py
 import numpy as np
@@ -114,3 +116,19 @@ def test_check_compares_raw_dataset_json(tiny):
         r.exit_code == 1
         and "dataset_coco.json: image id 102: 4 captions but the label h5 has 5 rows" in r.output
     )
+
+
+def _die(ixs, seed, epoch):
+    os._exit(3)  # a worker killed mid-batch (out of memory, a segfault in a codec ...)
+
+
+@pytest.mark.skipif(
+    "fork" not in mp.get_all_start_methods(), reason="the patched worker is inherited via fork"
+)
+def test_dead_worker_is_an_error_not_a_hang(tiny, monkeypatch):
+    import aoanet.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "_worker_batch", _die)  # inherited by the forked workers
+    with build_loader(data_of(tiny), "train", batch_size=2, num_workers=1, timeout=60) as loader:
+        with pytest.raises(DataError, match=r"loader worker process died while loading image ids \[10"):
+            list(loader)

@@ -30,15 +30,22 @@ def test_label_smoothing_loss_equals_dense_kl(smoothing):
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(q > 0, q * (np.log(q) - lp), 0.0).sum(-1)
     expected = (kl * mask[:, :t]).sum() / mask[:, :t].sum()
-    got = float(language_model_loss(paddle.to_tensor(lp.astype("float32")), paddle.to_tensor(target),
-                                    paddle.to_tensor(mask.astype("float32")), smoothing))
+    got = float(
+        language_model_loss(
+            paddle.to_tensor(lp.astype("float32")),
+            paddle.to_tensor(target),
+            paddle.to_tensor(mask.astype("float32")),
+            smoothing,
+        )
+    )
     assert abs(got - expected) <= 1e-5 * max(1.0, abs(expected))
 
 
 def test_reward_loss_masks_up_to_first_eos():
     seqs = np.array([[5, 6, 0, 0], [7, 0, 0, 0], [1, 2, 3, 4]], "int64")
-    np.testing.assert_array_equal(reward_mask(paddle.to_tensor(seqs)).numpy(),
-                                  [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(
+        reward_mask(paddle.to_tensor(seqs)).numpy(), [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    )
     lp = np.random.default_rng(1).normal(-2, 0.5, (3, 4))
     r = np.array([0.5, -1.0, 2.0])
     m = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], float)

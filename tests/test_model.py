@@ -66,8 +66,10 @@ def np_encode(P, feats, mask, layers, h):
         scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
         scores = np.where(mask[:, None, None, :] == 0, -1e9, scores)  # masked_fill, as the reference
         att = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(x.shape)
-        x = x + glu(np.concatenate([att, y], -1) @ P[pre + "self_attn.aoa_layer.0.weight"]
-                    + P[pre + "self_attn.aoa_layer.0.bias"])
+        x = x + glu(
+            np.concatenate([att, y], -1) @ P[pre + "self_attn.aoa_layer.0.weight"]
+            + P[pre + "self_attn.aoa_layer.0.bias"]
+        )
     a = ln(x, P["refiner.norm.a_2"], P["refiner.norm.b_2"])
     mean = (a * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     return mean, a @ P["ctx2att.weight"] + P["ctx2att.bias"]
@@ -77,13 +79,17 @@ def np_step(P, it, h, c, mean, p_att, mask, nh):
     r = h.shape[-1]
     xt = np.maximum(P["embed.0.weight"][it], 0)
     inp = np.concatenate([xt, mean + h[1]], -1)
-    gates = (inp @ P["core.att_lstm.weight_ih"].T + P["core.att_lstm.bias_ih"]
-             + h[0] @ P["core.att_lstm.weight_hh"].T + P["core.att_lstm.bias_hh"])
+    gates = (
+        inp @ P["core.att_lstm.weight_ih"].T
+        + P["core.att_lstm.bias_ih"]
+        + h[0] @ P["core.att_lstm.weight_hh"].T
+        + P["core.att_lstm.bias_hh"]
+    )
     i, f, g, o = np.split(gates, 4, -1)
     c_att = sigmoid(f) * c[0] + sigmoid(i) * np.tanh(g)
     h_att = sigmoid(o) * np.tanh(c_att)
     q = ln(h_att, P["core.attention.norm.a_2"], P["core.attention.norm.b_2"])
-    q = (q @ P["core.attention.linears.0.weight"] + P["core.attention.linears.0.bias"])
+    q = q @ P["core.attention.linears.0.weight"] + P["core.attention.linears.0.bias"]
     b, n = p_att.shape[:2]
     qh = q.reshape(b, nh, r // nh)
     vh = p_att[..., :r].reshape(b, n, nh, r // nh)  # first half: values
@@ -169,7 +175,9 @@ def test_padding_invariance():
         state = model.init_state(3)
         lps = []
         for it in ([0, 0, 0], [4, 5, 6], [7, 8, 9]):
-            lp, state = model.step(paddle.to_tensor(np.array(it, "int64")), state, mean, p_att, paddle.to_tensor(m))
+            lp, state = model.step(
+                paddle.to_tensor(np.array(it, "int64")), state, mean, p_att, paddle.to_tensor(m)
+            )
             lps.append(lp.numpy())
         valid = p_att.numpy()[:, : mask.shape[1]] * mask[..., None]
         outs.append((mean.numpy(), valid, np.stack(lps), state[0].numpy()))
@@ -185,15 +193,24 @@ def test_state_dict_contract_full_size():
     R, E, F, V1 = 1024, 1024, 2048, 9488
     expected = {
         "embed.0.weight": [V1, E],
-        "att_embed.0.weight": [F, R], "att_embed.0.bias": [R],
-        "logit.weight": [R, V1], "logit.bias": [V1],
-        "ctx2att.weight": [R, 2 * R], "ctx2att.bias": [2 * R],
-        "refiner.norm.a_2": [R], "refiner.norm.b_2": [R],
-        "core.att_lstm.weight_ih": [4 * R, E + R], "core.att_lstm.weight_hh": [4 * R, R],
-        "core.att_lstm.bias_ih": [4 * R], "core.att_lstm.bias_hh": [4 * R],
-        "core.att2ctx.0.weight": [2 * R, 2 * R], "core.att2ctx.0.bias": [2 * R],
-        "core.attention.norm.a_2": [R], "core.attention.norm.b_2": [R],
-        "core.attention.linears.0.weight": [R, R], "core.attention.linears.0.bias": [R],
+        "att_embed.0.weight": [F, R],
+        "att_embed.0.bias": [R],
+        "logit.weight": [R, V1],
+        "logit.bias": [V1],
+        "ctx2att.weight": [R, 2 * R],
+        "ctx2att.bias": [2 * R],
+        "refiner.norm.a_2": [R],
+        "refiner.norm.b_2": [R],
+        "core.att_lstm.weight_ih": [4 * R, E + R],
+        "core.att_lstm.weight_hh": [4 * R, R],
+        "core.att_lstm.bias_ih": [4 * R],
+        "core.att_lstm.bias_hh": [4 * R],
+        "core.att2ctx.0.weight": [2 * R, 2 * R],
+        "core.att2ctx.0.bias": [2 * R],
+        "core.attention.norm.a_2": [R],
+        "core.attention.norm.b_2": [R],
+        "core.attention.linears.0.weight": [R, R],
+        "core.attention.linears.0.bias": [R],
     }
     for i in range(6):
         pre = f"refiner.layers.{i}."
@@ -259,7 +276,9 @@ def test_beam_batch_composition_does_not_change_captions():
     batch = model.decode(paddle.to_tensor(feats), paddle.to_tensor(mask), beam_size=3)
     for i in (0, 2, 4):
         k = int(mask[i].sum())
-        alone = model.decode(paddle.to_tensor(feats[i:i + 1, :k]), paddle.to_tensor(mask[i:i + 1, :k]), beam_size=3)
+        alone = model.decode(
+            paddle.to_tensor(feats[i : i + 1, :k]), paddle.to_tensor(mask[i : i + 1, :k]), beam_size=3
+        )
         np.testing.assert_array_equal(alone.seqs[0], batch.seqs[i])
         assert abs(alone.scores[0] - batch.scores[i]) < 1e-4
     # the caption's score is the summed log-prob of its tokens (+ EOS), recomputed by teacher forcing
@@ -267,7 +286,7 @@ def test_beam_batch_composition_does_not_change_captions():
     lp = model(paddle.to_tensor(feats), paddle.to_tensor(mask), paddle.to_tensor(seq)).numpy()
     for i in range(5):
         n = int((batch.seqs[i] > 0).sum())
-        tokens = seq[i, 1:n + 2]
+        tokens = seq[i, 1 : n + 2]
         total = lp[i, np.arange(n + 1), tokens].sum() if n < 20 else lp[i, np.arange(n), tokens[:n]].sum()
         assert abs(total - batch.scores[i]) < 1e-4
 
@@ -283,7 +302,7 @@ def test_sampling_shapes_and_termination():
     for row in s:  # nothing but zeros after the first EOS
         zero = np.flatnonzero(row == 0)
         if zero.size:
-            assert (row[zero[0]:] == 0).all()
+            assert (row[zero[0] :] == 0).all()
     assert (logps.numpy() <= 1e-6).all()
     logps.sum().backward()  # differentiable (SCST)
     assert model.logit.weight.grad is not None

@@ -22,10 +22,24 @@ def data_dir(tmp_path_factory):
     runner = CliRunner()
     for args in (
         ["synth", "--out", str(d), "--images", "64", "--seed", "5"],
-        ["prepro", "--input-json", str(d / "dataset_coco.json"), "--output-json", str(d / "cocotalk.json"),
-         "--output-h5", str(d / "cocotalk_label.h5")],
-        ["ngrams", "--input-json", str(d / "dataset_coco.json"), "--dict-json", str(d / "cocotalk.json"),
-         "--out", str(d / "ngrams.json.gz")],
+        [
+            "prepro",
+            "--input-json",
+            str(d / "dataset_coco.json"),
+            "--output-json",
+            str(d / "cocotalk.json"),
+            "--output-h5",
+            str(d / "cocotalk_label.h5"),
+        ],
+        [
+            "ngrams",
+            "--input-json",
+            str(d / "dataset_coco.json"),
+            "--dict-json",
+            str(d / "cocotalk.json"),
+            "--out",
+            str(d / "ngrams.json.gz"),
+        ],
     ):
         res = runner.invoke(data_app, args)
         assert res.exit_code == 0, res.output
@@ -34,14 +48,33 @@ def data_dir(tmp_path_factory):
 
 def small_config(data_dir, ckpt_dir, **train):
     raw = {
-        "data": {"input_json": str(data_dir / "cocotalk.json"), "input_label_h5": str(data_dir / "cocotalk_label.h5"),
-                 "input_att_dir": str(data_dir / "cocobu_att"), "references_json": str(data_dir / "dataset_coco.json"),
-                 "cached_tokens": str(data_dir / "ngrams.json.gz"), "num_workers": 0},
-        "model": {"rnn_size": 32, "input_encoding_size": 32, "att_feat_size": 128, "num_heads": 4,
-                  "refine_layers": 1},
-        "train": {"checkpoint_path": str(ckpt_dir), "batch_size": 8, "max_epochs": 3, "save_checkpoint_every": 3,
-                  "scheduled_sampling_start": 0, "scheduled_sampling_increase_every": 1,
-                  "learning_rate_decay_every": 1, "losses_log_every": 1, "seed": 7, **train},
+        "data": {
+            "input_json": str(data_dir / "cocotalk.json"),
+            "input_label_h5": str(data_dir / "cocotalk_label.h5"),
+            "input_att_dir": str(data_dir / "cocobu_att"),
+            "references_json": str(data_dir / "dataset_coco.json"),
+            "cached_tokens": str(data_dir / "ngrams.json.gz"),
+            "num_workers": 0,
+        },
+        "model": {
+            "rnn_size": 32,
+            "input_encoding_size": 32,
+            "att_feat_size": 128,
+            "num_heads": 4,
+            "refine_layers": 1,
+        },
+        "train": {
+            "checkpoint_path": str(ckpt_dir),
+            "batch_size": 8,
+            "max_epochs": 3,
+            "save_checkpoint_every": 3,
+            "scheduled_sampling_start": 0,
+            "scheduled_sampling_increase_every": 1,
+            "learning_rate_decay_every": 1,
+            "losses_log_every": 1,
+            "seed": 7,
+            **train,
+        },
         "val": {"val_images_use": 4, "batch_size": 4, "language_eval": False},
         "scst": {"train_sample_n": 3, "max_length": 8},
     }
@@ -107,8 +140,15 @@ def test_scst_starts_from_last_xe_and_resumes_exactly(data_dir, tmp_path):
     Trainer(xe, "xe", progress=False).run()
 
     def scst_cfg(name):
-        cfg = small_config(data_dir, tmp_path / name, max_iters=7, learning_rate=2e-5,
-                           scheduled_sampling_start=-1, learning_rate_decay_start=-1, label_smoothing=0.0)
+        cfg = small_config(
+            data_dir,
+            tmp_path / name,
+            max_iters=7,
+            learning_rate=2e-5,
+            scheduled_sampling_start=-1,
+            learning_rate_decay_start=-1,
+            label_smoothing=0.0,
+        )
         return cfg
 
     t = Trainer(scst_cfg("rl_full"), "scst", start_from=str(tmp_path / "xe"), progress=False)
@@ -118,7 +158,9 @@ def test_scst_starts_from_last_xe_and_resumes_exactly(data_dir, tmp_path):
     assert abs(float(t.optimizer.get_lr()) - 2e-5) < 1e-12
     t.run()
     with pytest.raises(KeyboardInterrupt):
-        Trainer(scst_cfg("rl_broken"), "scst", start_from=str(tmp_path / "xe"), progress=False).run(crash_at=5)
+        Trainer(scst_cfg("rl_broken"), "scst", start_from=str(tmp_path / "xe"), progress=False).run(
+            crash_at=5
+        )
     Trainer(scst_cfg("rl_broken"), "scst", resume=True, progress=False).run()
     assert max_diff(weights(tmp_path / "rl_full"), weights(tmp_path / "rl_broken")) <= 1e-6
     assert max_diff(weights(tmp_path / "rl_full"), xe_w) > 0  # SCST changed the model

@@ -11,9 +11,18 @@ import typer
 app = typer.Typer(add_completion=False)
 
 
-def evaluate_checkpoint(checkpoint: str, split: str = "test", beam_size: int = 2, which: str = "best",
-                        max_length: int = 20, batch_size: int = 50, num_images: int = -1, spice=None,
-                        data_overrides: Optional[dict] = None, progress: bool = True):
+def evaluate_checkpoint(
+    checkpoint: str,
+    split: str = "test",
+    beam_size: int = 2,
+    which: str = "best",
+    max_length: int = 20,
+    batch_size: int = 50,
+    num_images: int = -1,
+    spice=None,
+    data_overrides: Optional[dict] = None,
+    progress: bool = True,
+):
     """-> (predictions, metrics). Data paths come from the checkpoint's config.yml unless overridden."""
     from aoanet.config import load_config
     from aoanet.data.loader import CaptionData
@@ -30,10 +39,24 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", beam_size: int = 2
     for k, v in (data_overrides or {}).items():
         if v:
             setattr(d, k, v)
-    data = CaptionData(d.input_json, d.input_label_h5, d.input_att_dir,
-                       att_feat_size=model.options.att_feat_size, seq_per_img=d.seq_per_img)
-    preds = predict(model, data, split, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
-                    num_images=num_images, progress=progress, vocab=vocab)
+    data = CaptionData(
+        d.input_json,
+        d.input_label_h5,
+        d.input_att_dir,
+        att_feat_size=model.options.att_feat_size,
+        seq_per_img=d.seq_per_img,
+    )
+    preds = predict(
+        model,
+        data,
+        split,
+        beam_size=beam_size,
+        max_length=max_length,
+        batch_size=batch_size,
+        num_images=num_images,
+        progress=progress,
+        vocab=vocab,
+    )
     metrics = evaluate_predictions(preds, load_references(d.references_json), spice=spice)
     return preds, metrics
 
@@ -48,7 +71,9 @@ def main_command(
     batch_size: int = typer.Option(50, "--batch-size"),
     num_images: int = typer.Option(-1, "--num-images", help="-1: the whole split."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the captions (COCO results format) here."),
-    metrics_out: Optional[str] = typer.Option(None, "--metrics-out", help="Metrics JSON (default: next to --out)."),
+    metrics_out: Optional[str] = typer.Option(
+        None, "--metrics-out", help="Metrics JSON (default: next to --out)."
+    ),
     input_json: Optional[str] = typer.Option(None, "--input-json"),
     input_label_h5: Optional[str] = typer.Option(None, "--input-label-h5"),
     input_att_dir: Optional[str] = typer.Option(None, "--input-att-dir"),
@@ -60,9 +85,20 @@ def main_command(
 
     try:
         preds, metrics = evaluate_checkpoint(
-            checkpoint, split, beam_size, which, max_length, batch_size, num_images,
-            data_overrides=dict(input_json=input_json, input_label_h5=input_label_h5, input_att_dir=input_att_dir,
-                                references_json=references_json))
+            checkpoint,
+            split,
+            beam_size,
+            which,
+            max_length,
+            batch_size,
+            num_images,
+            data_overrides=dict(
+                input_json=input_json,
+                input_label_h5=input_label_h5,
+                input_att_dir=input_att_dir,
+                references_json=references_json,
+            ),
+        )
     except (RuntimeError, FileNotFoundError, ValueError, KeyError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
@@ -71,7 +107,9 @@ def main_command(
         atomic_write_text(Path(out), json.dumps(preds))
     target = metrics_out or (str(Path(out).with_suffix("")) + ".metrics.json" if out else None)
     if target:
-        atomic_write_text(Path(target), json.dumps({"split": split, "beam_size": beam_size, **metrics}, indent=1))
+        atomic_write_text(
+            Path(target), json.dumps({"split": split, "beam_size": beam_size, **metrics}, indent=1)
+        )
 
 
 def main():

@@ -2,18 +2,57 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train AoANet: cross-entropy, then SCST.")
 
+NPROC_HELP = ("Start K data-parallel processes on this machine (python -m paddle.distributed.launch "
+              "--nproc_per_node K; gloo on the CPU). Rank logs: <checkpoint_path>/launch/.")
+DEVICES_HELP = "With --nproc: the GPUs to use, e.g. 0,1 (default: the first K visible)."
+AMP_HELP = "Mixed precision none|bf16|fp16 (overrides train.amp; GPU only)."
 
-def _run(stage: str, config: str, overrides: List[str], resume: bool, start_from: Optional[str], quiet: bool):
+
+def _launch(stage: str, config: str, overrides: List[str], resume: bool, start_from: Optional[str], quiet: bool,
+            nproc: int, devices: Optional[str]) -> None:
+    """Relaunch this command on ``nproc`` ranks through Paddle's launcher and wait for it."""
+    import paddle
+
+    from aoanet.config import ConfigError, load_config
+    from aoanet.train.amp import check_supported
+    from aoanet.train.distributed import launch_command
+
+    try:
+        cfg = load_config(config, overrides)  # fail here, not once per rank
+        check_supported(cfg.train.amp, paddle.device.get_device())
+        args = [stage, "--config", config, *[a for o in overrides for a in ("--set", o)]]
+        args += ["--resume"] * resume + (["--start-from", start_from] if start_from else []) + ["--quiet"] * quiet
+        cmd = launch_command(nproc, args, str(Path(cfg.train.checkpoint_path) / "launch"), devices)
+    except (ConfigError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    code = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    if code:
+        typer.echo(f"error: the launcher exited with status {code}; rank logs in "
+                   f"{Path(cfg.train.checkpoint_path) / 'launch'}", err=True)
+        raise typer.Exit(code)
+
+
+def _run(stage: str, config: str, overrides: List[str], resume: bool, start_from: Optional[str], quiet: bool,
+         nproc: int = 0, devices: Optional[str] = None, amp: Optional[str] = None):
     from aoanet.config import ConfigError, load_config
     from aoanet.train.checkpoint import CheckpointError
+    from aoanet.train.distributed import launched_world_size
     from aoanet.train.trainer import Trainer, TrainingDiverged
 
+    overrides = list(overrides) + ([f"train.amp={amp}"] if amp else [])
+    if nproc > 1 and launched_world_size() == 1:
+        _launch(stage, config, overrides, resume, start_from, quiet, nproc, devices)
+        return
     try:
         cfg = load_config(config, overrides)
         trainer = Trainer(cfg, stage, resume=resume, start_from=start_from, progress=not quiet)
@@ -24,6 +63,8 @@ def _run(stage: str, config: str, overrides: List[str], resume: bool, start_from
     except TrainingDiverged as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3) from e
+    if not trainer.dist.main:
+        return
     best = state.get("best_score")
     typer.echo(f"{stage} done: {state['iteration']} iterations, best val CIDEr "
                f"{'n/a' if best is None else f'{best:.4f}'}; checkpoint in {cfg.train.checkpoint_path}")
@@ -35,9 +76,12 @@ def xe(
     overrides: List[str] = typer.Option([], "--set", help="Override: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in train.checkpoint_path exactly."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    nproc: int = typer.Option(0, "--nproc", help=NPROC_HELP),
+    devices: Optional[str] = typer.Option(None, "--devices", help=DEVICES_HELP),
+    amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
 ):
     """Cross-entropy training (label smoothing, scheduled sampling, value clipping: the authors' recipe)."""
-    _run("xe", config, overrides, resume, None, quiet)
+    _run("xe", config, overrides, resume, None, quiet, nproc, devices, amp)
 
 
 @app.command()
@@ -47,12 +91,15 @@ def scst(
     overrides: List[str] = typer.Option([], "--set", help="Override: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in train.checkpoint_path exactly."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    nproc: int = typer.Option(0, "--nproc", help=NPROC_HELP),
+    devices: Optional[str] = typer.Option(None, "--devices", help=DEVICES_HELP),
+    amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP),
 ):
     """Self-critical sequence training with the CIDEr-D reward, starting from an XE checkpoint."""
     if not resume and not start_from:
         typer.echo("error: --start-from XE_CHECKPOINT_DIR is required (or --resume)", err=True)
         raise typer.Exit(2)
-    _run("scst", config, overrides, resume, start_from, quiet)
+    _run("scst", config, overrides, resume, start_from, quiet, nproc, devices, amp)
 
 
 def main():

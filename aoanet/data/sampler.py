@@ -53,8 +53,9 @@ def epoch_batches(
 
 class CaptionBatchSampler(paddle.io.BatchSampler):
     """A ``paddle.io.BatchSampler`` over a list of image indices; iterating yields the batches of the current
-    epoch (``set_epoch``). Usable on its own with ``paddle.io.DataLoader``;
-    :class:`aoanet.data.loader.CaptionLoader` uses :meth:`batches` to resume mid-epoch."""
+    epoch (``set_epoch``). ``paddle.io.DataLoader(data, batch_sampler=..., collate_fn=...)`` accepts it
+    (returning paddle tensors); :class:`aoanet.data.loader.CaptionLoader` uses :meth:`batches` to resume
+    mid-epoch."""
 
     def __init__(
         self,

@@ -27,27 +27,43 @@ class AoAModel(nn.Layer):
         # Registration order follows the reference state dict (§1.6).
         self.embed = nn.Sequential(
             nn.Embedding(
-                self.vocab_size + 1, e, weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 1.0))
+                self.vocab_size + 1,
+                e,
+                weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 1.0)),
             ),
             nn.ReLU(),
             nn.Dropout(o.drop_prob_lm),
         )
-        self.att_embed = nn.Sequential(torch_linear(o.att_feat_size, r), nn.ReLU(), nn.Dropout(o.drop_prob_lm))
+        self.att_embed = nn.Sequential(
+            torch_linear(o.att_feat_size, r), nn.ReLU(), nn.Dropout(o.drop_prob_lm)
+        )
         self.logit = torch_linear(r, self.vocab_size + 1)
         self.ctx2att = torch_linear(r, 2 * r)
         self.refiner = (
-            Refiner(r, o.num_heads, o.refine_layers, bool(o.refine_aoa), o.dropout_aoa, bool(o.use_ff))
+            Refiner(
+                r,
+                o.num_heads,
+                o.refine_layers,
+                bool(o.refine_aoa),
+                o.dropout_aoa,
+                bool(o.use_ff),
+                o.attention_dropout,
+            )
             if o.refine
             else None
         )
-        self.core = AoADecoderCore(e, r, o.num_heads, o.ctx_drop, o.drop_prob_lm, o.out_res)
+        self.core = AoADecoderCore(
+            e, r, o.num_heads, o.ctx_drop, o.drop_prob_lm, o.out_res, o.attention_dropout
+        )
 
     # ------------------------------------------------------------------ inputs
     def _check_inputs(self, att_feats, att_masks):
         shape = list(att_feats.shape)
         width = self.options.att_feat_size
         if len(shape) != 3 or (shape[-1] > 0 and shape[-1] != width):
-            raise ValueError(f"att_feats must have shape [batch, regions, {width}] (att_feat_size), got {shape}")
+            raise ValueError(
+                f"att_feats must have shape [batch, regions, {width}] (att_feat_size), got {shape}"
+            )
         if att_masks is not None:
             mshape = list(att_masks.shape)
             if len(mshape) != 2 or any(a > 0 and b > 0 and a != b for a, b in zip(mshape, shape[:2])):
@@ -129,7 +145,9 @@ class AoAModel(nn.Layer):
         return out
 
     # ------------------------------------------------------------------ decoding
-    def sample(self, att_feats, att_masks=None, sample_n: int = 1, max_length: int = 20, temperature: float = 1.0):
+    def sample(
+        self, att_feats, att_masks=None, sample_n: int = 1, max_length: int = 20, temperature: float = 1.0
+    ):
         """Multinomial sampling, batched, differentiable log-probs (used by SCST with dropout on).
 
         Returns (seqs int64 [B*sample_n, max_length], logprobs [B*sample_n, max_length]) as Paddle tensors; tokens
@@ -189,34 +207,56 @@ class AoAModel(nn.Layer):
 
         def step(it, ctx):
             logprobs, (h, c) = self.step(
-                paddle.to_tensor(it, dtype="int64"), (ctx["h"], ctx["c"]),
-                ctx["mean_feats"], ctx["p_att_feats"], ctx["att_masks"],
+                paddle.to_tensor(it, dtype="int64"),
+                (ctx["h"], ctx["c"]),
+                ctx["mean_feats"],
+                ctx["p_att_feats"],
+                ctx["att_masks"],
             )
             return logprobs.numpy(), dict(ctx, h=h, c=c)
 
         def reorder(ctx, index):
             index = paddle.to_tensor(index, dtype="int64")
-            return dict(ctx, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1))
+            return dict(
+                ctx, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1)
+            )
 
         def keep(ctx, index):
             index = paddle.to_tensor(index, dtype="int64")
-            out = {name: paddle.gather(ctx[name], index, axis=0) for name in ("mean_feats", "p_att_feats", "att_masks")}
-            return dict(out, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1))
+            out = {
+                name: paddle.gather(ctx[name], index, axis=0)
+                for name in ("mean_feats", "p_att_feats", "att_masks")
+            }
+            return dict(
+                out, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1)
+            )
 
         if k == 1 and greedy_unk:
             greedy_options = {k: v for k, v in options.items() if k in ("block_trigrams", "bad_ending_ids")}
             return greedy(step, ctx, batch, max_length=max_length, keep=keep, **greedy_options)
-        return beam_search(step, reorder, keep, ctx, batch, beam_size, max_length=max_length, unk_idx=self.unk_idx,
-                           **options)
+        return beam_search(
+            step, reorder, keep, ctx, batch, beam_size, max_length=max_length, unk_idx=self.unk_idx, **options
+        )
 
-    def generate(self, att_feats, att_masks=None, beam_size: int = 1, max_length: int = 20, sample: bool = False,
-                 temperature: float = 1.0, sample_n: int = 1, **options):
+    def generate(
+        self,
+        att_feats,
+        att_masks=None,
+        beam_size: int = 1,
+        max_length: int = 20,
+        sample: bool = False,
+        temperature: float = 1.0,
+        sample_n: int = 1,
+        **options,
+    ):
         """(seqs [B', max_length] int64, logprobs [B', max_length]) as Paddle tensors.
 
         sample=True: multinomial sampling (B' = B*sample_n); otherwise greedy (beam_size=1) or beam search.
         """
         if sample:
-            return self.sample(att_feats, att_masks, sample_n=sample_n, max_length=max_length, temperature=temperature)
+            return self.sample(
+                att_feats, att_masks, sample_n=sample_n, max_length=max_length, temperature=temperature
+            )
         result = self.decode(att_feats, att_masks, beam_size=beam_size, max_length=max_length, **options)
         return paddle.to_tensor(result.seqs), paddle.to_tensor(result.logprobs)
 

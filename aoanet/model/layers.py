@@ -110,7 +110,9 @@ def mask_to_bias(att_masks):
 class RefinerAttention(nn.Layer):
     """Multi-head self-attention of the refiner with the AoA gate and no output projection (§1.2)."""
 
-    def __init__(self, d_model: int, num_heads: int, refine_aoa: bool, dropout_aoa: float, dropout: float = 0.1):
+    def __init__(
+        self, d_model: int, num_heads: int, refine_aoa: bool, dropout_aoa: float, dropout: float = 0.1
+    ):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"rnn_size {d_model} is not divisible by num_heads {num_heads}")
@@ -157,13 +159,13 @@ class PositionwiseFeedForward(nn.Layer):
 
 
 class RefinerLayer(nn.Layer):
-    def __init__(self, d_model, num_heads, refine_aoa, dropout_aoa, use_ff):
+    def __init__(self, d_model, num_heads, refine_aoa, dropout_aoa, use_ff, dropout: float = 0.1):
         super().__init__()
-        self.self_attn = RefinerAttention(d_model, num_heads, refine_aoa, dropout_aoa)
+        self.self_attn = RefinerAttention(d_model, num_heads, refine_aoa, dropout_aoa, dropout)
         self.use_ff = use_ff
         if use_ff:
-            self.feed_forward = PositionwiseFeedForward(d_model)
-        self.sublayer = nn.LayerList([SublayerConnection(d_model) for _ in range(1 + int(use_ff))])
+            self.feed_forward = PositionwiseFeedForward(d_model, dropout=dropout)
+        self.sublayer = nn.LayerList([SublayerConnection(d_model, dropout) for _ in range(1 + int(use_ff))])
 
     def forward(self, x, mask_bias):
         x = self.sublayer[0](x, lambda y: self.self_attn(y, mask_bias))
@@ -175,10 +177,13 @@ class RefinerLayer(nn.Layer):
 class Refiner(nn.Layer):
     """The AoA refining module: N pre-LN layers, then a final LayerNorm (§1.2)."""
 
-    def __init__(self, d_model, num_heads, num_layers, refine_aoa, dropout_aoa, use_ff):
+    def __init__(self, d_model, num_heads, num_layers, refine_aoa, dropout_aoa, use_ff, dropout: float = 0.1):
         super().__init__()
         self.layers = nn.LayerList(
-            [RefinerLayer(d_model, num_heads, refine_aoa, dropout_aoa, use_ff) for _ in range(num_layers)]
+            [
+                RefinerLayer(d_model, num_heads, refine_aoa, dropout_aoa, use_ff, dropout)
+                for _ in range(num_layers)
+            ]
         )
         self.norm = LayerNorm(d_model)
 
@@ -207,12 +212,21 @@ class DecoderAttention(nn.Layer):
 class AoADecoderCore(nn.Layer):
     """One decoder step (§1.3): LSTM on [word; mean + ctx_drop(c_{t-1})], attention, AoA (att2ctx)."""
 
-    def __init__(self, input_encoding_size, rnn_size, num_heads, ctx_drop, drop_prob_lm, out_res):
+    def __init__(
+        self,
+        input_encoding_size,
+        rnn_size,
+        num_heads,
+        ctx_drop,
+        drop_prob_lm,
+        out_res,
+        attention_dropout: float = 0.1,
+    ):
         super().__init__()
         self.rnn_size = rnn_size
         self.att_lstm = torch_lstm_cell(input_encoding_size + rnn_size, rnn_size)
         self.att2ctx = nn.Sequential(torch_linear(2 * rnn_size, 2 * rnn_size), GLU())
-        self.attention = DecoderAttention(rnn_size, num_heads)
+        self.attention = DecoderAttention(rnn_size, num_heads, attention_dropout)
         self.ctx_drop = nn.Dropout(drop_prob_lm) if ctx_drop else nn.Identity()
         self.out_drop = nn.Dropout(drop_prob_lm)
         self.out_res = out_res

@@ -18,6 +18,9 @@ class ModelOptions:
     dropout_aoa: float = 0.3
     drop_prob_lm: float = 0.5
     out_res: int = 0
+    # The attention-probability, refiner residual and feed-forward dropouts, hard-coded to 0.1 in the authors'
+    # code (not one of their options). A dropout has no parameters: this changes no weight name or shape.
+    attention_dropout: float = 0.1
     # The authors hard-code 6 refiner layers; the seed's Paddle reproduction used 4.
     refine_layers: int = 6
     # Accepted for compatibility with the reference's option files; only the values of the AoA model are supported.
@@ -38,7 +41,9 @@ class ModelOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown model option(s): {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown model option(s): {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
+            )
         return cls(**options)
 
     def to_dict(self) -> dict:
@@ -67,7 +72,9 @@ def _check_options(o: ModelOptions) -> None:
             raise TypeError(f"model option {f.name} must be {expected.__name__}, got {value!r}")
     for name, value in _FIXED.items():
         if getattr(o, name) != value:
-            raise ValueError(f"model option {name}={getattr(o, name)!r} is not supported; only {value!r} (the AoA model)")
+            raise ValueError(
+                f"model option {name}={getattr(o, name)!r} is not supported; only {value!r} (the AoA model)"
+            )
     for name in ("rnn_size", "input_encoding_size", "att_feat_size", "num_heads"):
         if getattr(o, name) < 1:
             raise ValueError(f"model option {name} must be >= 1, got {getattr(o, name)}")
@@ -75,7 +82,7 @@ def _check_options(o: ModelOptions) -> None:
         raise ValueError(f"rnn_size {o.rnn_size} must be divisible by num_heads {o.num_heads}")
     if o.refine_layers < 0:
         raise ValueError(f"refine_layers must be >= 0, got {o.refine_layers}")
-    for name in ("dropout_aoa", "drop_prob_lm"):
+    for name in ("dropout_aoa", "drop_prob_lm", "attention_dropout"):
         if not 0.0 <= getattr(o, name) < 1.0:
             raise ValueError(f"model option {name} must be in [0, 1), got {getattr(o, name)}")
     for name in ("refine", "refine_aoa", "use_ff", "ctx_drop", "out_res"):

@@ -76,7 +76,9 @@ def read_model_json(directory: Path) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})"
+        )
     for key in ("vocab_size", "options", "ix_to_word"):
         if key not in meta:
             raise CheckpointError(f"{path}: field {key!r} is missing")
@@ -143,7 +145,7 @@ def portable_optimizer_state(model, optimizer) -> dict:
     for key, value in optimizer.state_dict().items():
         for auto, structured in names:
             if key.startswith(auto + "_"):
-                key = structured + key[len(auto):]
+                key = structured + key[len(auto) :]
                 break
         out[key] = value
     return out
@@ -155,7 +157,7 @@ def load_portable_optimizer_state(model, optimizer, state: dict) -> None:
     for key, value in state.items():
         for structured, auto in names:
             if key.startswith(structured + "_"):
-                key = auto + key[len(structured):]
+                key = auto + key[len(structured) :]
                 break
         out[key] = value
     optimizer.set_state_dict(out)

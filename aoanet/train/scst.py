@@ -13,8 +13,9 @@ def ids_until_eos(row) -> tuple[int, ...]:
     return tuple(int(x) for x in row[:end])
 
 
-def self_critical_rewards(scorer, samples, greedy, gts, sample_n: int, baseline: str = "greedy",
-                          weight: float = 1.0):
+def self_critical_rewards(
+    scorer, samples, greedy, gts, sample_n: int, baseline: str = "greedy", weight: float = 1.0
+):
     """Per-sample rewards [B*sample_n] and a dict of averages.
 
     samples: int [B*sample_n, T] (image-major); greedy: int [B, T] or None for the new self-critical baseline
@@ -34,10 +35,13 @@ def self_critical_rewards(scorer, samples, greedy, gts, sample_n: int, baseline:
     scores = np.asarray(scorer(cands, cand_refs), dtype=np.float64) * weight
     sample_scores = scores[: n_img * sample_n].reshape(n_img, sample_n)
     if baseline == "greedy":
-        base = np.repeat(scores[n_img * sample_n:].reshape(n_img, 1), sample_n, axis=1)
+        base = np.repeat(scores[n_img * sample_n :].reshape(n_img, 1), sample_n, axis=1)
     else:
         base = (sample_scores.sum(1, keepdims=True) - sample_scores) / (sample_n - 1)
     rewards = (sample_scores - base).reshape(-1)
-    info = {"reward": float(rewards.mean()), "sample_cider": float(sample_scores.mean()),
-            "baseline_cider": float(base.mean())}
+    info = {
+        "reward": float(rewards.mean()),
+        "sample_cider": float(sample_scores.mean()),
+        "baseline_cider": float(base.mean()),
+    }
     return rewards, info

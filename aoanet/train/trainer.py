@@ -3,10 +3,13 @@
 What a run guarantees:
 - checkpoints are written atomically (``aoanet.train.checkpoint``): ``model`` (last) and ``model-best`` (val CIDEr);
 - ``resume=True`` continues exactly: weights, optimizer, loader position and RNG states are restored, so a run
-  killed and resumed ends with the same weights as one that was not;
+  killed and resumed ends with the same weights as one that was not (with the same number of ranks; what a
+  resume on another number of ranks changes is said in ``aoanet.train.distributed``);
 - a non-finite loss stops the run naming the iteration; the last good checkpoint is kept;
 - progress bar with loss, rate and ETA; metrics appended to ``metrics.jsonl``; VisualDL scalars when installed;
-  ``curves.png`` (training loss and validation scores) at the end.
+  ``curves.png`` (training loss and validation scores) at the end;
+- under ``paddle.distributed.launch`` it trains data-parallel (``aoanet.train.distributed``: sharded batches,
+  averaged gradients, rank 0 writes and validates); ``train.amp`` selects mixed precision (``aoanet.train.amp``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ from tqdm import tqdm
 from aoanet.config import Config, dump_config
 from aoanet.model import AoAModel
 from aoanet.train import checkpoint as ckpt
-from aoanet.train.losses import language_model_loss, reward_loss
+from aoanet.train.amp import Precision
+from aoanet.train.distributed import (
+    Ranks,
+    derived_seed,
+    rank_rng_state,
+    reshard_loader_state,
+    warn_reshard,
+)
+from aoanet.train.losses import language_model_loss, reward_loss, reward_mask
 
 STATE_FORMAT = "aoanet-train-state/1"
 
@@ -40,6 +51,12 @@ def set_threads(num_threads: int) -> None:
         paddle.base.core.set_num_threads(n)
     except AttributeError:  # older Paddle
         pass
+
+
+def seed_all(seed: int) -> None:
+    paddle.seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
 
 
 def rng_state() -> dict:
@@ -87,13 +104,14 @@ class Trainer:
 
         if stage not in ("xe", "scst"):
             raise ValueError(f"stage must be 'xe' or 'scst', got {stage!r}")
-        self.cfg, self.stage, self.progress = cfg, stage, progress
+        self.cfg, self.stage = cfg, stage
+        self.dist = Ranks()  # joins the launcher's process group, if any (aoanet.train.distributed)
+        self.progress = progress and self.dist.main
         self.dir = Path(cfg.train.checkpoint_path)
-        set_threads(cfg.train.num_threads)
+        set_threads(cfg.train.num_threads or self.dist.threads_per_rank())
         paddle.set_device("cpu") if not paddle.is_compiled_with_cuda() else None
-        paddle.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed % (2**32))
-        random.seed(cfg.train.seed)
+        self.amp = Precision(cfg.train.amp)
+        seed_all(cfg.train.seed)  # the same on every rank: identical initial weights
 
         d = cfg.data
         self.data = CaptionData(d.input_json, d.input_label_h5, d.input_att_dir,
@@ -106,14 +124,17 @@ class Trainer:
             epsilon=cfg.train.optim_epsilon, parameters=self.model.parameters(), grad_clip=clip,
             weight_decay=cfg.train.weight_decay or None,
         )
+        seed_all(cfg.train.seed + self.dist.rank)  # dropout and sampling differ across ranks
         self.state = {"format": STATE_FORMAT, "stage": stage, "epoch": 0, "iteration": 0, "loader": None,
                       "best_score": None, "history": [], "lr": cfg.train.learning_rate,
-                      "plateau": {"best": None, "bad_epochs": 0}, "finished": False}
+                      "plateau": {"best": None, "bad_epochs": 0}, "finished": False,
+                      "world_size": self.dist.world_size}
         self.scorer = None
         if resume:
             self._resume()
         elif start_from:
             self._start_from(start_from)
+        self.dist.wrap(self.model)
         self.references = None
         self.writer = self._visualdl()
         # run() starts from this RNG state, whatever is drawn between construction and run() (other models built,
@@ -136,7 +157,12 @@ class Trainer:
         ckpt.load_state_dict_checked(self.model, weights, str(self.dir / ckpt.WEIGHTS["last"]))
         ckpt.load_portable_optimizer_state(self.model, self.optimizer, paddle.load(str(self.dir / "optimizer.pdopt")))
         self.optimizer.set_lr(state["lr"])
-        set_rng_state(state["rng"])
+        rng = rank_rng_state(state.get("rng"), self.dist.rank)
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # more ranks than the run that saved this state
+            seed_all(derived_seed(self.cfg.train.seed, self.dist.rank, state["iteration"]))
+        self.amp.set_state_dict(state.get("amp_scaler"))
         self.state = state
 
     def _start_from(self, directory):
@@ -154,6 +180,16 @@ class Trainer:
         self.optimizer.set_lr(self.cfg.train.learning_rate)
 
     def save(self, best: bool):
+        # every rank's RNG state (a collective: all ranks call save); rank 0 writes
+        self.state["rng"] = {str(r): s for r, s in enumerate(self.dist.gather(rng_state()))}
+        self.state["lr"] = float(self.optimizer.get_lr())
+        self.state["world_size"] = self.dist.world_size
+        self.state["amp_scaler"] = self.amp.state_dict()
+        if self.dist.main:
+            self._write_checkpoint(best)
+        self.dist.barrier()
+
+    def _write_checkpoint(self, best: bool):
         self.dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_model_json(self.dir, self.model, self.data.vocab)
         ckpt.atomic_write_text(self.dir / "config.yml", dump_config(self.cfg))
@@ -163,13 +199,13 @@ class Trainer:
             ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["best"])
         ckpt.atomic_paddle_save(ckpt.portable_optimizer_state(self.model, self.optimizer),
                                 self.dir / "optimizer.pdopt")
-        self.state["rng"] = rng_state()
-        self.state["lr"] = float(self.optimizer.get_lr())
         # state.json last: it is what --resume trusts, and it only points at files already in place
         ckpt.atomic_write_text(self.dir / "state.json", json.dumps(self.state))
 
     # ----------------------------------------------------------------------------------- logging
     def _visualdl(self):
+        if not self.dist.main:
+            return None
         try:
             from visualdl import LogWriter
         except ImportError:
@@ -177,6 +213,8 @@ class Trainer:
         return LogWriter(logdir=str(self.dir / "visualdl"))
 
     def log(self, event: dict):
+        if not self.dist.main:
+            return
         event = {"stage": self.stage, "time": time.time(), **event}
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "metrics.jsonl", "a") as f:
@@ -212,7 +250,7 @@ class Trainer:
         label_masks = paddle.to_tensor(np.asarray(batch["masks"], dtype="float32"))
         logprobs = self.model(feats, masks, labels, seq_per_img=self.cfg.data.seq_per_img, ss_prob=ss_prob)
         loss = language_model_loss(logprobs, labels[:, 1:], label_masks[:, 1:], self.cfg.train.label_smoothing)
-        return {"loss": loss}
+        return {"loss": loss, "tokens": float(np.asarray(batch["masks"])[:, 1:].sum())}
 
     def scst_step(self, batch, _ss_prob: float) -> dict:
         from aoanet.train.scst import self_critical_rewards
@@ -222,7 +260,8 @@ class Trainer:
         greedy = None
         if s.baseline == "greedy":
             self.model.eval()
-            greedy = self.model.decode(feats, masks, beam_size=1, max_length=s.max_length).seqs
+            with self.amp.float32():
+                greedy = self.model.decode(feats, masks, beam_size=1, max_length=s.max_length).seqs
             self.model.train()
         seqs, logps = self.model.sample(feats, masks, sample_n=s.train_sample_n, max_length=s.max_length,
                                         temperature=s.temperature)
@@ -231,7 +270,7 @@ class Trainer:
                                               s.baseline, s.cider_weight)
         info["reward_seconds"] = time.perf_counter() - t0
         loss = reward_loss(logps, seqs, rewards)
-        return {"loss": loss, **info}
+        return {"loss": loss, "tokens": float(reward_mask(seqs).sum()), **info}
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self) -> dict:
@@ -248,7 +287,8 @@ class Trainer:
         return {"n_images": len(preds), **scores}
 
     def _validate_and_save(self):
-        scores = self.validate()
+        # rank 0 validates; the others wait here for its scores, then all take the same decisions
+        scores = self.dist.broadcast(self.validate() if self.dist.main else None)
         it = self.state["iteration"]
         self.log({"event": "val", "iteration": it, "epoch": self.state["epoch"], **scores})
         score = scores.get("CIDEr")
@@ -287,7 +327,8 @@ class Trainer:
         t, d = self.cfg.train, self.cfg.data
         step_fn = self.xe_step if self.stage == "xe" else self.scst_step
         loader = build_loader(self.data, split="train", batch_size=t.batch_size, shuffle=True, seed=t.seed,
-                              num_workers=d.num_workers, epoch=self.state["epoch"])
+                              num_workers=d.num_workers, epoch=self.state["epoch"], rank=self.dist.rank,
+                              world_size=self.dist.world_size)
         per_epoch = len(loader)
         total = t.max_epochs * per_epoch if t.max_iters < 0 else min(t.max_iters, t.max_epochs * per_epoch)
         bar = tqdm(total=total, initial=min(self.state["iteration"], total), desc=f"{self.stage}", unit="it",
@@ -300,7 +341,7 @@ class Trainer:
                 lr, ss_prob = self.epoch_schedule(epoch)
                 self.optimizer.set_lr(lr)
                 if self.state["loader"] is not None:
-                    loader.set_state_dict(self.state["loader"])
+                    loader.set_state_dict(self._loader_state())
                 else:
                     loader.set_epoch(epoch)
                 for batch in loader:
@@ -308,22 +349,24 @@ class Trainer:
                     it = self.state["iteration"]
                     if crash_at is not None and it == crash_at:
                         raise KeyboardInterrupt(f"simulated kill at iteration {it}")
-                    out = step_fn(batch, ss_prob)
-                    loss = out["loss"]
-                    value = float(loss)
+                    with self.amp.autocast():
+                        out = step_fn(batch, ss_prob)
+                    # loss to back-propagate, and the token mean over all ranks' batches
+                    loss, value = self.dist.global_token_mean(out["loss"], out["tokens"])
                     if not math.isfinite(value):
                         raise TrainingDiverged(
                             f"{self.stage}: the loss became {value} at iteration {it} (epoch {epoch}); training "
                             f"stopped, the last good checkpoint in {self.dir} is kept")
-                    loss.backward()
-                    self.optimizer.step()
+                    self.amp.backward(loss)
+                    self.dist.all_reduce_gradients(self.model.parameters())
+                    self.amp.step(self.optimizer)
                     self.optimizer.clear_grad()
                     self.state["loader"] = loader.state_dict()
                     running = value if running is None else 0.9 * running + 0.1 * value
                     bar.update(1)
                     bar.set_postfix(loss=f"{running:.3f}", epoch=epoch, lr=f"{lr:.2e}")
                     if it % t.losses_log_every == 0 or it == 1:
-                        extra = {k: float(v) for k, v in out.items() if k != "loss"}
+                        extra = self.dist.mean({k: float(v) for k, v in out.items() if k not in ("loss", "tokens")})
                         self.log({"event": "train", "iteration": it, "epoch": epoch, "loss": value, "lr": lr,
                                   "ss_prob": ss_prob, **extra})
                     if t.save_checkpoint_every > 0 and it % t.save_checkpoint_every == 0:
@@ -344,8 +387,19 @@ class Trainer:
             self.save(best=False)
         finally:
             bar.close()
-        self.plot_curves()
+        if self.dist.main:
+            self.plot_curves()
         return self.state
+
+    def _loader_state(self) -> dict:
+        """The saved loader position, re-sharded when the world size or batch size changed since it was saved."""
+        saved, t = self.state["loader"], self.cfg.train
+        if (saved["batch_size"], saved["world_size"]) == (t.batch_size, self.dist.world_size):
+            return saved
+        state, repeated = reshard_loader_state(saved, t.batch_size, self.dist.world_size)
+        if self.dist.main:
+            warn_reshard(saved, t.batch_size, self.dist.world_size, repeated)
+        return state
 
     def _done(self) -> bool:
         return 0 < self.cfg.train.max_iters <= self.state["iteration"]
