@@ -5,7 +5,8 @@
    (../shared/data) repeated, or synthetic text when that file is absent.
 2. the loader at full feature size: 2048-d region features, 10-100 regions per image, batch 10 images x 5
    captions, for 0, 1 and 2 worker processes. A few hundred generated npz files are reused by a few thousand
-   images (symlinks), so the page cache is warm: this measures decoding and collation, not the disk.
+   images (symlinks), so the page cache is warm: this measures decoding and collation, not the disk. Also the
+   trainer's wait per batch when each training step takes 50 ms: with workers, loading is hidden behind it.
 3. `bu` conversion (TSV lines/s) and `check` (images/s, header mode) on the same full-size features.
 
 Prints a table and writes artifacts/bench/data.json. Work files go to artifacts/tmp/bench_data (removed
@@ -36,9 +37,7 @@ def caption_pool(seed: int = 0) -> tuple[list[list[str]], str]:
 
         strip = str.maketrans("", "", string.punctuation)
         anns = json.loads(COCO.read_text())["annotations"]
-        return [
-            a["caption"].lower().translate(strip).split() for a in anns
-        ], "COCO val2017 captions, repeated"
+        return [a["caption"].lower().translate(strip).split() for a in anns], "COCO val2017 captions, repeated"
     from aoanet.data.synth_grammar import caption
     from aoanet.data.synth_world import sample_scene
 
@@ -120,7 +119,9 @@ def make_feature_dir(work: Path, n_files: int, n_images: int) -> Path:
     return att
 
 
-def bench_loader(work: Path, att: Path, n_batches: int) -> list[dict]:
+def bench_loader(work: Path, att: Path, n_batches: int, step_ms: float = 50.0) -> list[dict]:
+    """Batches/s with an idle consumer, and the trainer's wait per batch while it is busy for step_ms per
+    step (a sleep, standing in for the XE step): what a worker saves the training loop."""
     from aoanet.data.loader import CaptionData, build_loader
 
     data = CaptionData(work / "small_talk.json", work / "small_label.h5", att, att_feat_size=2048)
@@ -136,6 +137,12 @@ def bench_loader(work: Path, att: Path, n_batches: int) -> list[dict]:
                 if n == n_batches:
                     break
             elapsed = time.perf_counter() - t
+            waits = []
+            for _ in range(min(n_batches, 60)):
+                time.sleep(step_ms / 1000)
+                t0 = time.perf_counter()
+                next(it)
+                waits.append(time.perf_counter() - t0)
         rows.append(
             {
                 "num_workers": workers,
@@ -144,6 +151,8 @@ def bench_loader(work: Path, att: Path, n_batches: int) -> list[dict]:
                 "images_per_s": round(10 * n / elapsed),
                 "mean_regions": round(regions / (10 * n), 1),
                 "mb_per_s_features": round(regions * 2048 * 4 / elapsed / 2**20),
+                "wait_ms_per_batch_busy_trainer": round(1000 * float(np.median(waits)), 1),
+                "busy_step_ms": step_ms,
             }
         )
     return rows
@@ -221,12 +230,13 @@ def main() -> None:
         )
         att = make_feature_dir(work, args.npz_files, args.loader_images)
         loader = bench_loader(work, att, args.batches)
-        print("\nloader: 2048-d features, 10-100 regions, batch 10 images x 5 captions (warm page cache)")
-        print(f"{'workers':>8} {'batches/s':>10} {'images/s':>9} {'regions':>8} {'MB/s':>6}")
+        print("\nloader: 2048-d features, 10-100 regions, batch 10 images x 5 captions (warm page cache);")
+        print("wait ms = the trainer's median wait for the next batch when each step takes 50 ms")
+        print(f"{'workers':>8} {'batches/s':>10} {'images/s':>9} {'regions':>8} {'MB/s':>6} {'wait ms':>8}")
         for r in loader:
             print(
                 f"{r['num_workers']:>8} {r['batches_per_s']:>10} {r['images_per_s']:>9} "
-                f"{r['mean_regions']:>8} {r['mb_per_s_features']:>6}"
+                f"{r['mean_regions']:>8} {r['mb_per_s_features']:>6} {r['wait_ms_per_batch_busy_trainer']:>8}"
             )
         bu = bench_bu(work, args.bu_lines)
         print(
@@ -234,9 +244,7 @@ def main() -> None:
             f"{bu['lines_per_s']} lines/s; re-run skips all in {bu['rerun_skip_seconds']} s"
         )
         chk = bench_check(work, att)
-        print(
-            f"check    {chk['images']} images (headers)  {chk['seconds']} s  {chk['images_per_s']} images/s"
-        )
+        print(f"check    {chk['images']} images (headers)  {chk['seconds']} s  {chk['images_per_s']} images/s")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -40,9 +40,7 @@ def test_convert_two_files_then_skip_on_rerun(tmp_path, images):
             assert z.files == ["feat"]
             np.testing.assert_array_equal(z["feat"], feat)
             assert z["feat"].dtype == np.float32
-        np.testing.assert_allclose(
-            np.load(tmp_path / "data/cocobu_fc" / f"{iid}.npy"), feat.mean(0), rtol=1e-6
-        )
+        np.testing.assert_allclose(np.load(tmp_path / "data/cocobu_fc" / f"{iid}.npy"), feat.mean(0), rtol=1e-6)
         np.testing.assert_array_equal(np.load(tmp_path / "data/cocobu_box" / f"{iid}.npy"), boxes)
     att = tmp_path / "data/cocobu_att" / f"{ids[0]}.npz"
     before = att.stat().st_mtime_ns
@@ -63,9 +61,7 @@ def test_seed_style_flags(tmp_path, images):
     (tmp_path / "feats/karpathy_test.tsv").write_text(tsv_line(iid, *images[iid]))
     r = run_cli("bu", "--downloaded_feats", tmp_path / "feats", "--output_dir", tmp_path / "cocobu")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "cocobu_att" / f"{iid}.npz").exists() and (
-        tmp_path / "cocobu_box" / f"{iid}.npy"
-    ).exists()
+    assert (tmp_path / "cocobu_att" / f"{iid}.npz").exists() and (tmp_path / "cocobu_box" / f"{iid}.npy").exists()
 
 
 def test_truncated_line_names_file_line_and_image(tmp_path, images):
@@ -85,9 +81,7 @@ def test_truncated_line_names_file_line_and_image(tmp_path, images):
 def test_num_boxes_disagreeing_with_arrays(tmp_path, images):
     iid, (feat, boxes) = next(iter(images.items()))
     (tmp_path / "t.tsv").write_text(tsv_line(iid, feat, boxes, num_boxes=len(feat) + 1))
-    with pytest.raises(
-        DataError, match=rf"t.tsv:1, image id {iid}: field 'boxes' has {4 * len(feat)} values"
-    ):
+    with pytest.raises(DataError, match=rf"t.tsv:1, image id {iid}: field 'boxes' has {4 * len(feat)} values"):
         convert_tsv([tmp_path / "t.tsv"], tmp_path / "att", tmp_path / "fc", tmp_path / "box")
 
 

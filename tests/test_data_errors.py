@@ -58,18 +58,14 @@ def test_h5_that_disagrees_with_json(tiny):
     talk = json.loads((tiny / "cocotalk.json").read_text())
     talk["images"].append({"split": "train", "file_path": "x/extra.jpg", "id": 999})
     (tiny / "cocotalk.json").write_text(json.dumps(talk))
-    with pytest.raises(
-        DataError, match=r"label_start_ix' has shape \(8,\) but .*cocotalk.json lists 9 images"
-    ):
+    with pytest.raises(DataError, match=r"label_start_ix' has shape \(8,\) but .*cocotalk.json lists 9 images"):
         data_of(tiny)
 
 
 def test_token_outside_vocabulary(tiny):
     with h5py.File(tiny / "cocotalk_label.h5", "a") as f:
         f["labels"][7, 0] = 5000  # row 7 belongs to image 101 (rows 5..9)
-    with pytest.raises(
-        DataError, match=r"image id 101: label row\(s\) 7: token id above the vocabulary size"
-    ):
+    with pytest.raises(DataError, match=r"image id 101: label row\(s\) 7: token id above the vocabulary size"):
         data_of(tiny)
 
 
@@ -112,19 +108,14 @@ def test_check_compares_raw_dataset_json(tiny):
     raw["images"][2]["sentences"].pop()
     (tiny / "dataset_coco.json").write_text(json.dumps(raw))
     r = run_cli("check", tiny)
-    assert (
-        r.exit_code == 1
-        and "dataset_coco.json: image id 102: 4 captions but the label h5 has 5 rows" in r.output
-    )
+    assert r.exit_code == 1 and "dataset_coco.json: image id 102: 4 captions but the label h5 has 5 rows" in r.output
 
 
 def _die(ixs, seed, epoch):
     os._exit(3)  # a worker killed mid-batch (out of memory, a segfault in a codec ...)
 
 
-@pytest.mark.skipif(
-    "fork" not in mp.get_all_start_methods(), reason="the patched worker is inherited via fork"
-)
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the patched worker is inherited via fork")
 def test_dead_worker_is_an_error_not_a_hang(tiny, monkeypatch):
     import aoanet.data.loader as loader_mod
 

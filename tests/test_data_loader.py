@@ -39,11 +39,7 @@ def test_one_epoch_against_the_files(synth):
     talk = json.loads((synth / "cocotalk.json").read_text())
     with h5py.File(synth / "cocotalk_label.h5") as f:
         labels, start, end = f["labels"][()], f["label_start_ix"][()], f["label_end_ix"][()]
-    assert (
-        data.vocab == talk["ix_to_word"]
-        and data.vocab_size == len(talk["ix_to_word"])
-        and data.seq_length == 16
-    )
+    assert data.vocab == talk["ix_to_word"] and data.vocab_size == len(talk["ix_to_word"]) and data.seq_length == 16
     train_ix = data.split_ix("train")
     assert train_ix == [i for i, im in enumerate(talk["images"]) if im["split"] in ("train", "restval")]
     loader = build_loader(data, "train", batch_size=8, seed=3, num_workers=0)
@@ -117,9 +113,7 @@ def test_state_from_another_loader_is_refused(synth):
 def test_epoch_reshuffle_is_deterministic(synth):
     data = open_data(synth)
     order = lambda seed, epoch: [
-        i
-        for b in build_loader(data, "train", batch_size=8, seed=seed, num_workers=0, epoch=epoch)
-        for i in b["ix"]
+        i for b in build_loader(data, "train", batch_size=8, seed=seed, num_workers=0, epoch=epoch) for i in b["ix"]
     ]
     e0, e1 = order(1, 0), order(1, 1)
     assert e0 == order(1, 0) and e1 == order(1, 1)

@@ -131,9 +131,7 @@ def test_empty_caption_names_the_image_and_writes_nothing(tmp_path):
     with pytest.raises(DataError, match=r"dataset_coco.json: image id 42 .*sentence 2: empty caption"):
         prepro_labels(src, tmp_path / "talk.json", tmp_path / "label.h5")
     assert not (tmp_path / "talk.json").exists() and not (tmp_path / "label.h5").exists()
-    r = run_cli(
-        "prepro", "--input-json", src, "--output-json", tmp_path / "t.json", "--output-h5", tmp_path / "l.h5"
-    )
+    r = run_cli("prepro", "--input-json", src, "--output-json", tmp_path / "t.json", "--output-h5", tmp_path / "l.h5")
     assert r.exit_code == 1 and "image id 42" in r.output and "Traceback" not in r.output
 
 

@@ -27,19 +27,13 @@ def test_karpathy_layout_and_splits(synth_dir):
     data = json.loads((synth_dir / "dataset_coco.json").read_text())
     images = data["images"]
     assert len(images) == N
-    assert (
-        Counter(im["split"] for im in images)
-        == split_sizes(N)
-        == {"train": 40, "restval": 12, "val": 4, "test": 4}
-    )
+    assert Counter(im["split"] for im in images) == split_sizes(N) == {"train": 40, "restval": 12, "val": 4, "test": 4}
     sentids = []
     for i, im in enumerate(images):
         assert im["imgid"] == i and isinstance(im["cocoid"], int) and im["filepath"] and im["filename"]
         assert len(im["sentences"]) == 5 and im["sentids"] == [s["sentid"] for s in im["sentences"]]
         for s in im["sentences"]:
-            assert (
-                s["imgid"] == i and s["tokens"] and all(t == t.lower() and t.isalpha() for t in s["tokens"])
-            )
+            assert s["imgid"] == i and s["tokens"] and all(t == t.lower() and t.isalpha() for t in s["tokens"])
             assert s["raw"].lower().rstrip(".") == " ".join(s["tokens"])
         assert len({" ".join(s["tokens"]) for s in im["sentences"]}) >= 2  # references disagree
         sentids += im["sentids"]

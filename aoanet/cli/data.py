@@ -51,9 +51,7 @@ def _label_h5_path(output_h5: Path) -> Path:
 @app.command()
 @_report
 def prepro(
-    input_json: Path = typer.Option(
-        ..., "--input-json", "--input_json", help="Karpathy-style dataset_coco.json"
-    ),
+    input_json: Path = typer.Option(..., "--input-json", "--input_json", help="Karpathy-style dataset_coco.json"),
     output_json: Path = typer.Option("cocotalk.json", "--output-json", "--output_json"),
     output_h5: Path = typer.Option(
         "cocotalk_label.h5",
@@ -67,29 +65,21 @@ def prepro(
         "--word_count_threshold",
         help="keep words seen more than this many times",
     ),
-    max_length: int = typer.Option(
-        16, "--max-length", "--max_length", help="label width; longer captions are cut"
-    ),
+    max_length: int = typer.Option(16, "--max-length", "--max_length", help="label width; longer captions are cut"),
 ):
     """Build the vocabulary and cocotalk.json + cocotalk_label.h5 from dataset_coco.json."""
     from aoanet.data.prepro import prepro_labels
 
-    summary = prepro_labels(
-        input_json, output_json, _label_h5_path(output_h5), word_count_threshold, max_length
-    )
+    summary = prepro_labels(input_json, output_json, _label_h5_path(output_h5), word_count_threshold, max_length)
     _print_summary("prepro done", summary)
 
 
 @app.command()
 @_report
 def bu(
-    files: Optional[list[Path]] = typer.Argument(
-        None, help="more TSV files (after --tsv)", show_default=False
-    ),
+    files: Optional[list[Path]] = typer.Argument(None, help="more TSV files (after --tsv)", show_default=False),
     tsv: Optional[list[Path]] = typer.Option(None, "--tsv", help="bottom-up TSV file(s)"),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="data dir: writes DIR/cocobu_att, cocobu_fc, cocobu_box"
-    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="data dir: writes DIR/cocobu_att, cocobu_fc, cocobu_box"),
     downloaded_feats: Optional[Path] = typer.Option(
         None,
         "--downloaded_feats",
@@ -102,9 +92,7 @@ def bu(
         "--output-dir",
         help="seed style prefix: writes PREFIX_att, PREFIX_fc, PREFIX_box",
     ),
-    feat_dim: Optional[int] = typer.Option(
-        None, "--feat-dim", help="expected feature width (default: first line)"
-    ),
+    feat_dim: Optional[int] = typer.Option(None, "--feat-dim", help="expected feature width (default: first line)"),
 ):
     """Convert bottom-up-attention TSV files to cocobu_att/*.npz, cocobu_fc/*.npy, cocobu_box/*.npy."""
     from aoanet.data.bottom_up import convert_tsv
@@ -127,9 +115,7 @@ def bu(
 @app.command()
 @_report
 def ngrams(
-    input_json: Path = typer.Option(
-        ..., "--input-json", "--input_json", help="Karpathy-style dataset_coco.json"
-    ),
+    input_json: Path = typer.Option(..., "--input-json", "--input_json", help="Karpathy-style dataset_coco.json"),
     dict_json: Path = typer.Option(..., "--dict-json", "--dict_json", help="cocotalk.json (the vocabulary)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output file, e.g. DIR/coco-train-ngrams.json.gz"),
     output_pkl: Optional[Path] = typer.Option(
@@ -178,9 +164,7 @@ def check(
     """Check json <-> h5 <-> feature files; list every problem, exit 1 if there is any."""
     from aoanet.data.check import check_data_dir
 
-    problems, summary = check_data_dir(
-        data_dir, input_json, input_h5, att_dir, fc_dir, box_dir, att_feat_size, full
-    )
+    problems, summary = check_data_dir(data_dir, input_json, input_h5, att_dir, fc_dir, box_dir, att_feat_size, full)
     if problems:
         for p in problems:
             typer.echo(str(p))

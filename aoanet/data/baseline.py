@@ -48,15 +48,12 @@ def nearest_neighbour_captions(
     train = [img for img in images if in_split(img["split"], "train")]
     queries = [img for img in images if in_split(img["split"], split)]
     if not train or not queries:
-        raise DataError(
-            f"{path}: need training images and {split!r} images (have {len(train)} and {len(queries)})"
-        )
+        raise DataError(f"{path}: need training images and {split!r} images (have {len(train)} and {len(queries)})")
     fc_dir = Path(fc_dir)
     train_fc, query_fc = _load_fc(fc_dir, train, "train"), _load_fc(fc_dir, queries, split)
     if train_fc.shape[1] != query_fc.shape[1]:
         raise DataError(
-            f"{fc_dir}: fc widths differ between train ({train_fc.shape[1]}) and {split} "
-            f"({query_fc.shape[1]})"
+            f"{fc_dir}: fc widths differ between train ({train_fc.shape[1]}) and {split} ({query_fc.shape[1]})"
         )
     # ||q - t||^2 = |q|^2 - 2 q.t + |t|^2; |q|^2 is constant per query. Chunked to bound memory at COCO scale.
     t_sq = (train_fc.astype(np.float64) ** 2).sum(axis=1)

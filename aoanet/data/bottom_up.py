@@ -103,9 +103,7 @@ def convert_tsv(
                     try:
                         image_id = int(fields[0])
                     except ValueError as e:
-                        raise DataError(
-                            f"{where}: field 'image_id' is {fields[0][:20]!r}, not an integer"
-                        ) from e
+                        raise DataError(f"{where}: field 'image_id' is {fields[0][:20]!r}, not an integer") from e
                     if all(
                         p.exists()
                         for p in (

@@ -110,9 +110,7 @@ def check_features(
             path = npy_path(fc_dir, iid)
             shape, msg = _npy_shape(path, full)
             if msg or shape != (width,):
-                problems.append(
-                    Problem(path, iid, msg or f"fc feature has shape {shape}, expected ({width},)")
-                )
+                problems.append(Problem(path, iid, msg or f"fc feature has shape {shape}, expected ({width},)"))
         if box_dir is not None:
             path = npy_path(box_dir, iid)
             shape, msg = _npy_shape(path, full)
@@ -121,9 +119,7 @@ def check_features(
                     Problem(
                         path,
                         iid,
-                        msg
-                        or f"boxes have shape {shape}, expected ({k}, 4) to match "
-                        f"the {k} regions of the att file",
+                        msg or f"boxes have shape {shape}, expected ({k}, 4) to match the {k} regions of the att file",
                     )
                 )
     regions = [s[0] for s in shapes.values()]
@@ -143,9 +139,7 @@ def check_raw(dataset_json: Path, labelset) -> list[Problem]:
         return [Problem(dataset_json, None, str(e).split(": ", 1)[-1])]
     problems = []
     if len(raw) != len(labelset.images):
-        return [
-            Problem(dataset_json, None, f"{len(raw)} images but cocotalk.json has {len(labelset.images)}")
-        ]
+        return [Problem(dataset_json, None, f"{len(raw)} images but cocotalk.json has {len(labelset.images)}")]
     for i, (r, img) in enumerate(zip(raw, labelset.images, strict=True)):
         if image_id(r) != img["id"]:
             problems.append(
@@ -160,8 +154,7 @@ def check_raw(dataset_json: Path, labelset) -> list[Problem]:
                 Problem(
                     dataset_json,
                     img["id"],
-                    f"{len(r['sentences'])} captions but the label h5 has "
-                    f"{labelset.end[i] - labelset.start[i]} rows",
+                    f"{len(r['sentences'])} captions but the label h5 has {labelset.end[i] - labelset.start[i]} rows",
                 )
             )
     return problems
@@ -173,9 +166,7 @@ def _image_ids(input_json: Path) -> list[int] | None:
         images = load_json(input_json, "cocotalk json").get("images")
     except DataError:
         return None
-    if not isinstance(images, list) or not all(
-        isinstance(im, dict) and isinstance(im.get("id"), int) for im in images
-    ):
+    if not isinstance(images, list) or not all(isinstance(im, dict) and isinstance(im.get("id"), int) for im in images):
         return None
     return [im["id"] for im in images]
 

@@ -55,9 +55,7 @@ def read_att(path: str | os.PathLike, image_id: int, att_feat_size: int | None =
     try:
         with np.load(path) as npz:
             if "feat" not in npz.files:
-                raise DataError(
-                    f"{where}: no array 'feat' in the npz (has: {', '.join(npz.files) or 'nothing'})"
-                )
+                raise DataError(f"{where}: no array 'feat' in the npz (has: {', '.join(npz.files) or 'nothing'})")
             feat = npz["feat"]
     except FileNotFoundError as e:
         raise DataError(f"{where}: feature file missing") from e
@@ -66,13 +64,10 @@ def read_att(path: str | os.PathLike, image_id: int, att_feat_size: int | None =
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"{where}: cannot read feature file ({type(e).__name__}: {e})") from e
     if not isinstance(feat, np.ndarray) or feat.ndim != 2 or feat.shape[0] < 1:
-        raise DataError(
-            f"{where}: 'feat' must have shape (regions >= 1, width), got {getattr(feat, 'shape', None)}"
-        )
+        raise DataError(f"{where}: 'feat' must have shape (regions >= 1, width), got {getattr(feat, 'shape', None)}")
     if att_feat_size is not None and feat.shape[1] != att_feat_size:
         raise DataError(
-            f"{where}: feature width {feat.shape[1]} disagrees with att_feat_size={att_feat_size} "
-            f"in the config"
+            f"{where}: feature width {feat.shape[1]} disagrees with att_feat_size={att_feat_size} in the config"
         )
     if feat.dtype != np.float32:
         if not np.issubdtype(feat.dtype, np.floating):

@@ -75,14 +75,10 @@ def load_dataset(path: str | os.PathLike) -> list[dict]:
             raise DataError(f"{where}: duplicate image id (also images[{seen[iid]}])")
         seen[iid] = i
         if img.get("split") not in SPLITS:
-            raise DataError(
-                f"{where}: field 'split' is {img.get('split')!r}, expected one of {', '.join(SPLITS)}"
-            )
+            raise DataError(f"{where}: field 'split' is {img.get('split')!r}, expected one of {', '.join(SPLITS)}")
         sents = img.get("sentences")
         if not isinstance(sents, list) or not sents:
-            raise DataError(
-                f"{where}: field 'sentences' must be a non-empty list (every image needs a caption)"
-            )
+            raise DataError(f"{where}: field 'sentences' must be a non-empty list (every image needs a caption)")
         for j, s in enumerate(sents):
             tokens = s.get("tokens") if isinstance(s, dict) else None
             sid = s.get("sentid", j) if isinstance(s, dict) else j
@@ -90,8 +86,7 @@ def load_dataset(path: str | os.PathLike) -> list[dict]:
                 raise DataError(f"{where}, sentence {sid}: field 'tokens' must be a list of words")
             if not tokens:
                 raise DataError(
-                    f"{where}, sentence {sid}: empty caption (field 'tokens' is empty; "
-                    f"raw: {s.get('raw', '')!r})"
+                    f"{where}, sentence {sid}: empty caption (field 'tokens' is empty; raw: {s.get('raw', '')!r})"
                 )
             for t in tokens:
                 # A token with white space would change meaning when captions are joined and re-split.

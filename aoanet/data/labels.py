@@ -122,9 +122,7 @@ def _check_rows(h5_path: Path, h5: dict, ids: list[int], vocab_size: int, proble
     if "label_length" in h5:
         length = h5["label_length"]
         if length.shape != (m,):
-            problems.append(
-                Problem(h5_path, None, f"dataset 'label_length' has shape {length.shape}, expected ({m},)")
-            )
+            problems.append(Problem(h5_path, None, f"dataset 'label_length' has shape {length.shape}, expected ({m},)"))
         else:
             findings.append((length != nonzero.sum(axis=1), "label_length disagrees with the row's tokens"))
     for mask, message in findings:
@@ -135,8 +133,7 @@ def _check_rows(h5_path: Path, h5: dict, ids: list[int], vocab_size: int, proble
                 Problem(
                     h5_path,
                     ids[i],
-                    f"label row(s) {', '.join(map(str, r[:5].tolist()))}"
-                    f"{' ...' if len(r) > 5 else ''}: {message}",
+                    f"label row(s) {', '.join(map(str, r[:5].tolist()))}{' ...' if len(r) > 5 else ''}: {message}",
                 )
             )
     return not any(mask.any() for mask, _ in findings)

@@ -71,9 +71,7 @@ def prepro_labels(
         output_json,
         {
             "ix_to_word": vocab_mod.ix_to_word(words),
-            "images": [
-                {"split": img["split"], "file_path": file_path(img), "id": image_id(img)} for img in images
-            ],
+            "images": [{"split": img["split"], "file_path": file_path(img), "id": image_id(img)} for img in images],
         },
     )
     n_rare = sum(c for w, c in counts.items() if w not in w2i)

@@ -12,9 +12,11 @@ minutes and still see every class and colour hundreds of times:
 
 - 4,000 images: 2,700 train + 800 restval (3,500 for training), 250 val, 250 test (val = test = n/16, restval
   = n/5); 5 captions each; ids (``cocoid``) 1..n.
-- feature width 128 (``att_feat_size: 128`` in the demo config), 10-~35 regions per image (mean ~14).
-- vocabulary ~150 words; captions mostly 6-14 tokens, a few above 16 (truncated by prepro like real ones).
-- on disk ~60 MB; generation takes ~20 s on one core.
+- feature width 128 (``att_feat_size: 128`` in the demo config), 10-30 regions per image (mean 15).
+- vocabulary 146 words with UNK (threshold 5); captions 9.9 tokens on average, 3.6% longer than 16 (cut by
+  prepro like real ones).
+- on disk 62 MB; generation takes ~23 s (wall clock, one process, on a shared 2-core machine).
+
 Everything is a function of ``seed`` (scene, captions, features of image i come from
 ``numpy.random.default_rng([seed, i])``, the splits from ``default_rng([seed, 2**32 - 1])``); the
 random projections of the features are fixed for a given width. npz files embed a zip timestamp, so equality
@@ -25,6 +27,11 @@ class, colour, count and position of two or three objects plus the setting, and 
 them. The mean feature retrieves a training image with some of the same classes and setting, but the exact
 combination (which colour goes with which object, who is left of whom) almost never recurs, so a copied
 caption gets partial credit; a model that attends to each object's region can say it.
+
+Measured on the default set (seed 123, 250 test images, CIDEr-D with the test references' idf): the
+nearest-neighbour baseline scores 0.38; a small AoANet (rnn_size 192, 2 refiner layers, dropout 0.2, batch
+20, lr 1e-3, 1,750 XE iterations = 10 epochs, greedy decoding) 2.35; a caption written from the true scene
+in the most common words 3.16.
 """
 
 from __future__ import annotations
@@ -115,9 +122,7 @@ def make_synth(
                 "scene": scene.describe(),
             }
         )
-    write_json(
-        out / "dataset_coco.json", {"dataset": "synth", "seed": seed, "feat_dim": feat_dim, "images": entries}
-    )
+    write_json(out / "dataset_coco.json", {"dataset": "synth", "seed": seed, "feat_dim": feat_dim, "images": entries})
     words = {t for e in entries for s in e["sentences"] for t in s["tokens"]}
     return {
         "images": images,

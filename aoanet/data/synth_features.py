@@ -100,15 +100,11 @@ class FeatureSpace:
         while len(rows) < MIN_REGIONS:
             w, h = rng.uniform(0.1, 0.5, size=2)
             x1, y1 = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-            rows.append(
-                ("background", self.cls[int(rng.integers(len(CLASSES)))], None, (x1, y1, x1 + w, y1 + h))
-            )
+            rows.append(("background", self.cls[int(rng.integers(len(CLASSES)))], None, (x1, y1, x1 + w, y1 + h)))
         rows = rows[:MAX_REGIONS]
         boxes = np.clip(np.asarray([r[3] for r in rows], dtype=np.float64), 0.0, 1.0)
         amp = np.asarray([AMPLITUDE[r[0]] for r in rows])
-        colour = np.stack(
-            [self.colour[ALL_COLOURS.index(r[2])] if r[2] else np.zeros(self.feat_dim) for r in rows]
-        )
+        colour = np.stack([self.colour[ALL_COLOURS.index(r[2])] if r[2] else np.zeros(self.feat_dim) for r in rows])
         feats = (
             amp[:, :1] * np.stack([r[1] for r in rows])
             + amp[:, 1:2] * colour

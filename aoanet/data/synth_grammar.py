@@ -85,8 +85,7 @@ def _setting(rng: np.random.Generator, scene: Scene, p: float) -> list[str]:
 def _fix_articles(words: list[str]) -> list[str]:
     """ "a" before a vowel sound becomes "an" (the word after "a" can change with the optional adjectives)."""
     return [
-        ("an" if w == "a" and i + 1 < len(words) and words[i + 1][0] in "aeiou" else w)
-        for i, w in enumerate(words)
+        ("an" if w == "a" and i + 1 < len(words) and words[i + 1][0] in "aeiou" else w) for i, w in enumerate(words)
     ]
 
 

@@ -197,10 +197,6 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         c = int(rng.choice(others))
         w, h = rng.uniform(0.03, 0.09, size=2)
         x1, y1 = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-        clutter.append(
-            Clutter(cls=c, colour=str(rng.choice(CLASSES[c].colours)), box=(x1, y1, x1 + w, y1 + h))
-        )
+        clutter.append(Clutter(cls=c, colour=str(rng.choice(CLASSES[c].colours)), box=(x1, y1, x1 + w, y1 + h)))
     width, height = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
-    return Scene(
-        setting=str(rng.choice(SETTING_NAMES)), groups=groups, clutter=clutter, width=width, height=height
-    )
+    return Scene(setting=str(rng.choice(SETTING_NAMES)), groups=groups, clutter=clutter, width=width, height=height)
