@@ -37,9 +37,10 @@ ENCODER_OUTPUTS = ["mean_feats", "p_att_feats"]
 DECODER_OUTPUTS = ["logprobs", "next_state_h", "next_state_c"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
-# Measured with scripts/bench_infer.py on 2-core CPUs: intra-op threads = all cores with spinning OFF is the
-# fastest; with spinning ON two threads were 2x slower than one (the spinning thread steals the core that
-# numpy's search bookkeeping and the other sessions need between runs).
+# Measured with scripts/bench_infer.py (full-size model, batch 50, beam 3) on a 2-core CPU: intra-op threads = all
+# cores with spinning OFF is the fastest (22.7-23.0 images/s; spinning ON 20.2-21.7; one thread 12.1-12.5). On a loaded
+# machine spinning ON is far worse (2 threads 2x slower than 1): a spinning thread steals the core that numpy's
+# search bookkeeping, other sessions and other processes need between runs.
 DEFAULT_SPINNING = False
 
 _notified_cpu = False
@@ -211,13 +212,10 @@ class Captioner:
     # -------------------------------------------------------------------------------------- inputs
     def _check_array(self, feats: np.ndarray, what: str) -> None:
         if feats.ndim != 2:
-            raise FeatureError(
-                f"{what}: expected a (regions, {self.att_feat_size}) array, got shape {feats.shape}"
-            )
+            raise FeatureError(f"{what}: expected a (regions, {self.att_feat_size}) array, got shape {feats.shape}")
         if feats.shape[1] != self.att_feat_size:
             raise FeatureError(
-                f"{what}: feature width {feats.shape[1]}, the model expects {self.att_feat_size} "
-                "(att_feat_size)"
+                f"{what}: feature width {feats.shape[1]}, the model expects {self.att_feat_size} (att_feat_size)"
             )
         if feats.shape[0] < 1:
             raise FeatureError(f"{what}: 0 regions; every image needs at least one")
@@ -237,8 +235,7 @@ class Captioner:
             b, n, width = att_feats.shape
             if width != self.att_feat_size:
                 raise FeatureError(
-                    f"att_feats: feature width {width}, the model expects {self.att_feat_size} "
-                    "(att_feat_size)"
+                    f"att_feats: feature width {width}, the model expects {self.att_feat_size} (att_feat_size)"
                 )
             if b == 0:
                 return 0, []
@@ -248,9 +245,7 @@ class Captioner:
                 att_masks = np.ones((b, n), dtype=np.float32)
             att_masks = np.asarray(att_masks, dtype=np.float32)
             if att_masks.shape != (b, n):
-                raise FeatureError(
-                    f"att_masks must have shape {(b, n)} (images, regions), got {att_masks.shape}"
-                )
+                raise FeatureError(f"att_masks must have shape {(b, n)} (images, regions), got {att_masks.shape}")
             empty = np.nonzero(att_masks.sum(axis=1) == 0)[0]
             if empty.size:
                 raise FeatureError(f"image {int(empty[0])} has 0 regions (its att_masks row is all zeros)")
@@ -259,14 +254,10 @@ class Captioner:
             batches = []
             for start in range(0, b, batch_size):
                 pos = np.arange(start, min(start + batch_size, b))
-                batches.append(
-                    (pos, feats[start : start + batch_size], att_masks[start : start + batch_size])
-                )
+                batches.append((pos, feats[start : start + batch_size], att_masks[start : start + batch_size]))
             return b, batches
         if att_masks is not None:
-            raise FeatureError(
-                "att_masks is only for a padded [images, regions, width] array, not for a list"
-            )
+            raise FeatureError("att_masks is only for a padded [images, regions, width] array, not for a list")
         images = [np.asarray(f) for f in att_feats]
         for i, f in enumerate(images):
             self._check_array(f, f"image {i}")

@@ -85,9 +85,7 @@ class PaddleBackend:
 
     def decode(self, att_feats, att_masks, beam_size, max_length, **options):
         t = self.paddle.to_tensor
-        return self.model.decode(
-            t(att_feats), t(att_masks), beam_size=beam_size, max_length=max_length, **options
-        )
+        return self.model.decode(t(att_feats), t(att_masks), beam_size=beam_size, max_length=max_length, **options)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -156,23 +154,17 @@ def infer(
     model: Optional[Path] = typer.Option(None, "--model", help="export directory (--backend onnx)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint dir (--backend paddle)"),
     which: str = typer.Option("best", "--which", help="checkpoint weights: best | last (--backend paddle)"),
-    split: str = typer.Option(
-        "test", "--split", help="train | val | test | restval | all (cocotalk.json only)"
-    ),
+    split: str = typer.Option("test", "--split", help="train | val | test | restval | all (cocotalk.json only)"),
     input_json: Optional[Path] = typer.Option(None, "--input-json", help="instead of DATA_DIR/cocotalk.json"),
     att_dir: Optional[Path] = typer.Option(None, "--att-dir", help="instead of DATA_DIR/cocobu_att"),
     beam_size: int = typer.Option(3, "--beam-size", min=1, help="1 = greedy"),
     batch_size: int = typer.Option(50, "--batch-size", min=1, help="images per encoder run / beam batch"),
     max_length: int = typer.Option(20, "--max-length", min=1),
-    length_penalty: str = typer.Option(
-        "", "--length-penalty", help="'' (authors'), wu_<alpha> or avg_<alpha>"
-    ),
+    length_penalty: str = typer.Option("", "--length-penalty", help="'' (authors'), wu_<alpha> or avg_<alpha>"),
     block_trigrams: bool = typer.Option(False, "--block-trigrams"),
     remove_bad_endings: bool = typer.Option(False, "--remove-bad-endings"),
     num_images: int = typer.Option(-1, "--num-images", help="caption only the first N images (-1: all)"),
-    threads: Optional[int] = typer.Option(
-        None, "--threads", min=1, help="compute threads (default: all CPUs)"
-    ),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="compute threads (default: all CPUs)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Caption the images of a split; prints the throughput (images/s) at the end."""

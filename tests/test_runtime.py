@@ -102,9 +102,7 @@ def data_dir(tmp_path_factory) -> Path:
         k = int(rng.integers(1, 12))
         feat = (np.abs(rng.standard_normal((k, F))) * 2).astype(np.float32)
         np.savez_compressed(root / "cocobu_att" / f"{image_id}.npz", feat=feat)
-        images.append(
-            {"id": image_id, "split": ("train", "val", "test")[i % 3], "file_path": f"{image_id}.jpg"}
-        )
+        images.append({"id": image_id, "split": ("train", "val", "test")[i % 3], "file_path": f"{image_id}.jpg"})
     (root / "cocotalk.json").write_text(json.dumps({"ix_to_word": {}, "images": images}))
     return root
 
@@ -309,9 +307,7 @@ def test_cli_reads_a_plain_folder_and_overrides(export_dir, data_dir, tmp_path, 
         capsys,
     )
     assert code == 0, err
-    assert [c["image_id"] for c in json.loads(out.read_text())] == [
-        500 + 7 * i for i in range(30) if i % 3 == 1
-    ]
+    assert [c["image_id"] for c in json.loads(out.read_text())] == [500 + 7 * i for i in range(30) if i % 3 == 1]
 
 
 def _broken_data(data_dir: Path, dest: Path, image_id: int, feat) -> Path:
