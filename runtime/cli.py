@@ -11,10 +11,8 @@ written). ``--backend paddle`` is the only place that imports the training packa
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
@@ -24,6 +22,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from runtime import atomic
 from runtime.beam import length_penalty_fn
 from runtime.features import (
     FeatureError,
@@ -89,18 +88,7 @@ class PaddleBackend:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_json(path, obj, ensure_ascii=False)
 
 
 def caption_images(

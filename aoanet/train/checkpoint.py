@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import paddle
 
 from aoanet.model import AoAModel, ModelOptions
+from runtime import atomic
 
 FORMAT = "aoanet-checkpoint/1"
 WEIGHTS = {"last": "model.pdparams", "best": "model-best.pdparams"}
@@ -32,23 +31,11 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes(path, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic.write_text(path, text)
 
 
 def atomic_paddle_save(obj, path: Path) -> None:
