@@ -91,37 +91,10 @@ def infer_parity(export_dir: Path, checkpoint: Path, beam_sizes=(1, 2, 3)) -> di
     for k in beam_sizes:
         onnx_out, paddle_out = DEMO / f"infer_onnx_b{k}.json", DEMO / f"infer_paddle_b{k}.json"
         t = time.perf_counter()
-        run(
-            "aoanet-infer",
-            "--backend",
-            "onnx",
-            "--model",
-            export_dir,
-            "--features",
-            DATA,
-            "--split",
-            "test",
-            "--beam-size",
-            k,
-            "--out",
-            onnx_out,
-        )
+        common = ["--features", DATA, "--split", "test", "--beam-size", k]
+        run("aoanet-infer", "--backend", "onnx", "--model", export_dir, *common, "--out", onnx_out)
         elapsed = time.perf_counter() - t
-        run(
-            "aoanet-infer",
-            "--backend",
-            "paddle",
-            "--checkpoint",
-            checkpoint,
-            "--features",
-            DATA,
-            "--split",
-            "test",
-            "--beam-size",
-            k,
-            "--out",
-            paddle_out,
-        )
+        run("aoanet-infer", "--backend", "paddle", "--checkpoint", checkpoint, *common, "--out", paddle_out)
         a = {p["image_id"]: p["caption"] for p in read_json(onnx_out)}
         b = {p["image_id"]: p["caption"] for p in read_json(paddle_out)}
         if set(a) != set(b):
