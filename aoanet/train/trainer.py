@@ -109,7 +109,6 @@ class Trainer:
         self.progress = progress and self.dist.main
         self.dir = Path(cfg.train.checkpoint_path)
         set_threads(cfg.train.num_threads or self.dist.threads_per_rank())
-        paddle.set_device("cpu") if not paddle.is_compiled_with_cuda() else None
         self.amp = Precision(cfg.train.amp)
         seed_all(cfg.train.seed)  # the same on every rank: identical initial weights
 
