@@ -1,5 +1,9 @@
 """Static graph -> ONNX with paddle2onnx, then the contract's tensor names and symbolic dimensions.
 
+paddle2onnx 2.x (Paddle 3.x, PIR ``.json`` graphs) and 1.x (Paddle 2.6, ``.pdmodel`` graphs; 2.x refuses a
+Paddle older than 3.0) share the ``export()`` call used here; 2.x calls ``sys.exit`` on a failed conversion,
+1.x returns nothing, and both become an ExportError.
+
 paddle2onnx names the graph's results ``fetch_name_<i>`` and its dynamic dimensions
 ``DynamicDimension.<k>``; the runtime relies on the names of docs/ARCHITECTURE.md ("ONNX export") instead, so
 both are rewritten here and the result is checked with ``onnx.checker``.
@@ -72,7 +76,7 @@ def import_paddle2onnx():
     except ImportError as e:
         raise ExportError(
             f"paddle2onnx is not installed ({e}); install the export extra: pip install -e '.[export]' "
-            "(paddle2onnx==2.1.0, onnx)"
+            "(paddle2onnx==2.1.0, onnx; with Paddle 2.6: paddle2onnx==1.3.1)"
         ) from e
     except ValueError as e:  # paddle2onnx 2.x refuses a Paddle older than 3.0 with a ValueError at import
         raise ExportError(f"paddle2onnx cannot be used with the installed Paddle: {e}") from e
@@ -88,6 +92,12 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
 
     check_opset(opset)
     paddle2onnx = import_paddle2onnx()
+    major = _major(getattr(paddle2onnx, "__version__", ""))
+    if files.format == "pir" and major is not None and major < 2:
+        raise ExportError(
+            f"paddle2onnx {paddle2onnx.__version__} cannot read {files.model_file.name}, a PIR graph (Paddle 3.x); "
+            "install paddle2onnx==2.1.0"
+        )
     try:
         # save_file=None: get the bytes back. On a conversion error paddle2onnx logs it and calls
         # sys.exit(-1): catch that too, so that a failed conversion is an ExportError, not the process's end.
@@ -104,8 +114,11 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
         raise ExportError(
             f"paddle2onnx could not convert {files.model_file.name} at opset {opset} ({detail})"
         ) from e
-    if not data:
-        raise ExportError(f"paddle2onnx returned nothing for {files.model_file.name} (see its log above)")
+    if not data:  # paddle2onnx 1.x reports a failed conversion this way (logged, empty result)
+        raise ExportError(
+            f"paddle2onnx could not convert {files.model_file.name} at opset {opset} "
+            "(it returned nothing; its error is logged above)"
+        )
     model = onnx.load_from_string(data)
     got = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx")
     if got != opset:
@@ -121,6 +134,11 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
         raise ExportError(f"{onnx_path.name} fails onnx.checker: {e}") from e
     onnx_path.write_bytes(model.SerializeToString())
     return {"inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]}
+
+
+def _major(version: str) -> int | None:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def _dtype_name(value) -> str:

@@ -24,6 +24,11 @@ V = 30
 R, E, F = 32, 32, 24
 SMALL = dict(rnn_size=R, input_encoding_size=E, att_feat_size=F, num_heads=4, refine_layers=2)
 
+# Paddle 3.x saves PIR graphs (.json) and needs paddle2onnx 2.x; Paddle 2.6 saves .pdmodel and needs 1.x.
+PIR = bool(paddle.get_flags(["FLAGS_enable_pir_api"])["FLAGS_enable_pir_api"])
+STATIC_FORMAT, STATIC_SUFFIX = ("pir", ".json") if PIR else ("pdmodel", ".pdmodel")
+PADDLE2ONNX_VERSION = "2.1.0" if int(paddle.__version__.split(".")[0]) >= 3 else "1.3.1"
+
 
 def make_checkpoint(directory: Path, seed: int = 0, weights_options: dict | None = None) -> Path:
     """A checkpoint dir of a random small model; ``weights_options``: save the weights of another model."""
@@ -97,6 +102,8 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
 
 
 def test_manifest_fields_and_hashes(exported, checkpoint):
+    import paddle2onnx
+
     out, manifest = exported
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["format_version"] == 1 and manifest["model"] == "aoanet"
@@ -112,7 +119,8 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
     assert decoding["length_penalty"] == "" and decoding["suppress_unk"] is True
     assert manifest["opset"] == 17
     assert set(manifest["versions"]) >= {"paddle", "paddle2onnx", "onnx", "onnxruntime"}
-    assert manifest["versions"]["paddle2onnx"] == "2.1.0"
+    assert manifest["versions"]["paddle2onnx"] == paddle2onnx.__version__ == PADDLE2ONNX_VERSION
+    assert manifest["versions"]["paddle"] == paddle.__version__
     assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
@@ -157,7 +165,8 @@ def test_static_graphs_load_in_paddle_inference(exported):
         ("decoder", ["it", "state_h", "state_c", "mean_feats", "p_att_feats", "att_masks"]),
     ):
         entry = manifest["static"][name]
-        assert entry["format"] == "pir" and entry["model_file"] == f"static/{name}.json"
+        assert entry["format"] == STATIC_FORMAT and entry["model_file"] == f"static/{name}{STATIC_SUFFIX}"
+        assert entry["params_file"] == f"static/{name}.pdiparams"
         config = inference.Config(str(out / entry["model_file"]), str(out / entry["params_file"]))
         config.disable_glog_info()
         assert list(inference.create_predictor(config).get_input_names()) == inputs
@@ -197,7 +206,7 @@ def test_onnxruntime_and_static_at_a_new_shape(exported, checkpoint):
         "onnx": parity.OnnxBackend(out / "encoder.onnx", out / "decoder.onnx"),
         "static": parity.StaticBackend(
             *(
-                StaticFiles(out / f"static/{n}.json", out / f"static/{n}.pdiparams")
+                StaticFiles(out / manifest["static"][n]["model_file"], out / manifest["static"][n]["params_file"])
                 for n in ("encoder", "decoder")
             )
         ),
@@ -248,12 +257,26 @@ def test_force_does_not_replace_a_foreign_directory_or_the_checkpoint(checkpoint
 
 
 def test_paddle2onnx_failure_is_an_export_error(tmp_path):
-    """paddle2onnx logs conversion errors and calls sys.exit(-1); that must not end the process."""
-    (tmp_path / "m.json").write_text("{}")
+    """paddle2onnx 2.x logs conversion errors and calls sys.exit(-1) (1.x returns nothing); neither may end the
+    process."""
+    model_file = tmp_path / f"m{STATIC_SUFFIX}"
+    model_file.write_text("{}")
     (tmp_path / "m.pdiparams").write_bytes(b"x")
     inputs, outputs = contract(V, R, F)["encoder"]
+    files = StaticFiles(model_file, tmp_path / "m.pdiparams")
+    with pytest.raises(ExportError, match=f"paddle2onnx could not convert {model_file.name} at opset 17"):
+        convert(files, tmp_path / "m.onnx", 17, inputs, outputs)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_paddle2onnx_1x_refuses_a_pir_graph(tmp_path, monkeypatch):
+    """paddle2onnx 1.x (the one for Paddle 2.6) cannot read Paddle 3's PIR graphs: say so before trying."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "paddle2onnx", types.SimpleNamespace(__version__="1.3.1"))
+    inputs, outputs = contract(V, R, F)["encoder"]
     files = StaticFiles(tmp_path / "m.json", tmp_path / "m.pdiparams")
-    with pytest.raises(ExportError, match="paddle2onnx could not convert m.json at opset 17"):
+    with pytest.raises(ExportError, match=r"paddle2onnx 1\.3\.1 cannot read m\.json.*paddle2onnx==2\.1\.0"):
         convert(files, tmp_path / "m.onnx", 17, inputs, outputs)
     assert not (tmp_path / "m.onnx").exists()
 
