@@ -68,6 +68,11 @@ class DynamicBackend:
         return lp.numpy(), h.numpy(), c.numpy()
 
 
+def decoder_feeds(it, h, c, mean, p_att, masks) -> dict:
+    """The decoder's inputs by their contract names (the same for paddle.inference and onnxruntime)."""
+    return {"it": it, "state_h": h, "state_c": c, "mean_feats": mean, "p_att_feats": p_att, "att_masks": masks}
+
+
 class StaticBackend:
     def __init__(self, encoder: StaticFiles, decoder: StaticFiles, threads: int = 1):
         self.encoder, self.decoder = StaticPredictor(encoder, threads), StaticPredictor(decoder, threads)
@@ -76,15 +81,7 @@ class StaticBackend:
         return tuple(self.encoder({"att_feats": feats, "att_masks": masks}))
 
     def step(self, it, h, c, mean, p_att, masks):
-        feeds = {
-            "it": it,
-            "state_h": h,
-            "state_c": c,
-            "mean_feats": mean,
-            "p_att_feats": p_att,
-            "att_masks": masks,
-        }
-        return tuple(self.decoder(feeds))
+        return tuple(self.decoder(decoder_feeds(it, h, c, mean, p_att, masks)))
 
 
 def onnx_session(path: Path, threads: int = 1):
@@ -108,15 +105,8 @@ class OnnxBackend:
         )
 
     def step(self, it, h, c, mean, p_att, masks):
-        feeds = {
-            "it": it,
-            "state_h": h,
-            "state_c": c,
-            "mean_feats": mean,
-            "p_att_feats": p_att,
-            "att_masks": masks,
-        }
-        return tuple(self.decoder.run(["logprobs", "next_state_h", "next_state_c"], feeds))
+        outputs = ["logprobs", "next_state_h", "next_state_c"]
+        return tuple(self.decoder.run(outputs, decoder_feeds(it, h, c, mean, p_att, masks)))
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
