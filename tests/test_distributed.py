@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from aoanet.cli.data import app as data_app
 from aoanet.config import ConfigError, from_dict
 from aoanet.train.distributed import (
     derived_seed,
@@ -124,22 +123,6 @@ def max_diff(a, b):
 def train_losses(directory):
     events = [json.loads(x) for x in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
     return [(e["iteration"], e["loss"]) for e in events if e["event"] == "train"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    runner = CliRunner()
-    for args in (
-        ["synth", "--out", str(d), "--images", "64", "--seed", "5"],
-        ["prepro", "--input-json", str(d / "dataset_coco.json"), "--output-json", str(d / "cocotalk.json"),
-         "--output-h5", str(d / "cocotalk_label.h5")],
-        ["ngrams", "--input-json", str(d / "dataset_coco.json"), "--dict-json", str(d / "cocotalk.json"),
-         "--out", str(d / "ngrams.json.gz")],
-    ):
-        res = runner.invoke(data_app, args)
-        assert res.exit_code == 0, res.output
-    return d
 
 
 # ----------------------------------------------------------------------------------------- 2 CPU processes

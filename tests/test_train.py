@@ -7,43 +7,11 @@ import json
 import numpy as np
 import paddle
 import pytest
-from typer.testing import CliRunner
 
-from aoanet.cli.data import app as data_app
 from aoanet.config import from_dict
 from aoanet.train import trainer as trainer_mod
 from aoanet.train.checkpoint import load_model
 from aoanet.train.trainer import Trainer, TrainingDiverged
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    runner = CliRunner()
-    for args in (
-        ["synth", "--out", str(d), "--images", "64", "--seed", "5"],
-        [
-            "prepro",
-            "--input-json",
-            str(d / "dataset_coco.json"),
-            "--output-json",
-            str(d / "cocotalk.json"),
-            "--output-h5",
-            str(d / "cocotalk_label.h5"),
-        ],
-        [
-            "ngrams",
-            "--input-json",
-            str(d / "dataset_coco.json"),
-            "--dict-json",
-            str(d / "cocotalk.json"),
-            "--out",
-            str(d / "ngrams.json.gz"),
-        ],
-    ):
-        res = runner.invoke(data_app, args)
-        assert res.exit_code == 0, res.output
-    return d
 
 
 def small_config(data_dir, ckpt_dir, **train):
