@@ -12,6 +12,7 @@ file and the image id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -139,6 +140,19 @@ def _check_shape(shape, dtype, where: str, width: int | None) -> int:
     return int(shape[0])
 
 
+@contextlib.contextmanager
+def _reading(where: str):
+    """Turn the ways a feature file can fail to read into one FeatureError naming the file and image."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise FeatureError(f"{where}: feature file missing") from None
+    except FeatureError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise FeatureError(f"{where}: cannot read the feature file ({type(e).__name__}: {e})") from None
+
+
 def _header(f) -> tuple[tuple, np.dtype]:
     version = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -150,7 +164,7 @@ def region_count(image: ImageFile, width: int | None = None) -> int:
     """The region count of an image's file, from its header only (no decompression); checks the file is
     there, has the right key, shape and width. Fast enough to check a whole split before decoding."""
     path, where = image.path, _where(image.path, image.image_id)
-    try:
+    with _reading(where):
         if path.suffix == ".npz":
             with zipfile.ZipFile(path) as z:
                 if f"{FEAT_KEY}.npy" not in z.namelist():
@@ -161,12 +175,6 @@ def region_count(image: ImageFile, width: int | None = None) -> int:
         else:
             with open(path, "rb") as f:
                 shape, dtype = _header(f)
-    except FileNotFoundError:
-        raise FeatureError(f"{where}: feature file missing") from None
-    except FeatureError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise FeatureError(f"{where}: cannot read the feature file ({type(e).__name__}: {e})") from None
     return _check_shape(shape, dtype, where, width)
 
 
@@ -174,7 +182,7 @@ def read_features(image: ImageFile, width: int | None = None) -> np.ndarray:
     """The (K, F) float32 regions of one image, checked: readable, key ``feat`` (npz), 2-D, K >= 1, F ==
     ``width`` (when given), finite."""
     path, where = image.path, _where(image.path, image.image_id)
-    try:
+    with _reading(where):
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 if FEAT_KEY not in npz.files:
@@ -183,12 +191,6 @@ def read_features(image: ImageFile, width: int | None = None) -> np.ndarray:
                 feat = npz[FEAT_KEY]
         else:
             feat = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FeatureError(f"{where}: feature file missing") from None
-    except FeatureError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise FeatureError(f"{where}: cannot read the feature file ({type(e).__name__}: {e})") from None
     if not isinstance(feat, np.ndarray):
         raise FeatureError(f"{where}: not an array")
     _check_shape(feat.shape, feat.dtype, where, width)
