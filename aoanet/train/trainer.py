@@ -418,9 +418,15 @@ class Trainer:
         train = [e for e in events if e["event"] == "train" and e["stage"] == self.stage]
         val = [e for e in events if e["event"] == "val" and e["stage"] == self.stage]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        axes[0].plot([e["iteration"] for e in train], [e["loss"] for e in train])
-        axes[0].set_title(f"{self.stage} training loss")
+        axes[0].plot([e["iteration"] for e in train], [e["loss"] for e in train], label="loss")
+        axes[0].set_title(f"{self.stage} training")
         axes[0].set_xlabel("iteration")
+        # SCST's loss is a reward-weighted log-prob that hovers near 0; the samples' CIDEr-D shows the progress
+        for key in ("sample_cider", "baseline_cider"):
+            pts = [(e["iteration"], e[key]) for e in train if key in e]
+            if pts:
+                axes[0].plot(*zip(*pts), label=key)
+        axes[0].legend()
         for key in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
             pts = [(e["iteration"], e[key]) for e in val if key in e]
             if pts:
