@@ -203,15 +203,19 @@ class AoAModel(nn.Layer):
         k = 1 if (beam_size == 1 and greedy_unk) else beam_size
         mean_feats, p_att_feats, att_masks = self.expand(k, mean_feats, p_att_feats, att_masks)
         h, c = self.init_state(batch * k, mean_feats.dtype)
-        ctx = {"h": h, "c": c, "mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks}
+        # Keys/values in head layout and the mask bias are made once, not at every step (as in forward/sample).
+        values, keys = self.core.split_memory(p_att_feats)
+        ctx = {"h": h, "c": c, "mean_feats": mean_feats, "values": values, "keys": keys,
+               "mask_bias": mask_to_bias(att_masks)}
+        per_row = ("mean_feats", "values", "keys", "mask_bias")
 
         def step(it, ctx):
-            logprobs, (h, c) = self.step(
+            logprobs, (h, c) = self._step(
                 paddle.to_tensor(it, dtype="int64"),
                 (ctx["h"], ctx["c"]),
                 ctx["mean_feats"],
-                ctx["p_att_feats"],
-                ctx["att_masks"],
+                (ctx["values"], ctx["keys"]),
+                ctx["mask_bias"],
             )
             return logprobs.numpy(), dict(ctx, h=h, c=c)
 
@@ -223,16 +227,13 @@ class AoAModel(nn.Layer):
 
         def keep(ctx, index):
             index = paddle.to_tensor(index, dtype="int64")
-            out = {
-                name: paddle.gather(ctx[name], index, axis=0)
-                for name in ("mean_feats", "p_att_feats", "att_masks")
-            }
+            out = {name: paddle.gather(ctx[name], index, axis=0) for name in per_row}
             return dict(
                 out, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1)
             )
 
         if k == 1 and greedy_unk:
-            greedy_options = {k: v for k, v in options.items() if k in ("block_trigrams", "bad_ending_ids")}
+            greedy_options = {n: v for n, v in options.items() if n in ("block_trigrams", "bad_ending_ids")}
             return greedy(step, ctx, batch, max_length=max_length, keep=keep, **greedy_options)
         return beam_search(
             step, reorder, keep, ctx, batch, beam_size, max_length=max_length, unk_idx=self.unk_idx, **options
