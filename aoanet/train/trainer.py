@@ -380,10 +380,11 @@ class Trainer:
                     continue
                 break
             last_val = self.state["history"][-1]["iteration"] if self.state["history"] else None
-            if last_val != self.state["iteration"]:
-                self._validate_and_save()
             self.state["finished"] = True
-            self.save(best=False)
+            if last_val != self.state["iteration"]:
+                self._validate_and_save()  # its save records the finished state
+            else:
+                self.save(best=False)
         finally:
             bar.close()
         if self.dist.main:
