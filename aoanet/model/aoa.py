@@ -10,7 +10,14 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from aoanet.model.layers import AoADecoderCore, Refiner, log_softmax, mask_to_bias, torch_linear
+from aoanet.model.layers import (
+    AoADecoderCore,
+    Refiner,
+    log_softmax,
+    mask_to_bias,
+    mask_to_flat_bias,
+    torch_linear,
+)
 from aoanet.model.options import ModelOptions
 
 
@@ -93,8 +100,11 @@ class AoAModel(nn.Layer):
         return paddle.zeros(shape, dtype=dtype), paddle.zeros(shape, dtype=dtype)
 
     def step(self, it, state, mean_feats, p_att_feats, att_masks=None):
-        """One decoder step: tokens [B] and state (h, c), each [2, B, R] -> (logprobs [B, V+1], state)."""
-        return self._step(it, state, mean_feats, self.core.split_memory(p_att_feats), mask_to_bias(att_masks))
+        """One decoder step: tokens [B] and state (h, c), each [2, B, R] -> (logprobs [B, V+1], state).
+
+        Reads p_att_feats in place (the exported decoder is this method); loops over many steps use ``_step``
+        with keys/values split into heads once."""
+        return self._step(it, state, mean_feats, p_att_feats, mask_to_flat_bias(att_masks, p_att_feats))
 
     def _step(self, it, state, mean_feats, memory, mask_bias):
         # The loops below split keys/values and build the mask bias once per sequence, not once per step:
