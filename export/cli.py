@@ -1,4 +1,4 @@
-"""``aoanet-export --checkpoint DIR --out EXPORT_DIR [--which best|last] [--opset 17] [--force]``."""
+"""``aoanet-export --checkpoint DIR --out EXPORT_DIR [--which best|last] [--opset 17] [--force] [--int8]``."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def export_command(
     out: Path = typer.Option(..., "--out", help="export directory to create"),
     which: Which = typer.Option(Which.best, "--which", help="weights: best (falls back to last) or last"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 13..17"),
-    force: bool = typer.Option(
-        False, "--force", help="replace an existing export directory (only after success)"
+    force: bool = typer.Option(False, "--force", help="replace an existing export directory (only after success)"),
+    int8: bool = typer.Option(
+        False, "--int8", help="also write int8 (dynamically quantized) graphs: faster and smaller, lossy"
     ),
 ) -> None:
     """Trace the model's encoder and decoder step, convert them to ONNX, check parity, write the manifest."""
@@ -34,7 +35,7 @@ def export_command(
     from export import ExportError, export_checkpoint
 
     try:
-        manifest = export_checkpoint(checkpoint, out, opset=opset, which=which.value, force=force)
+        manifest = export_checkpoint(checkpoint, out, opset=opset, which=which.value, force=force, int8=int8)
     except ExportError as e:
         typer.echo(f"aoanet-export: error: {e}", err=True)
         raise typer.Exit(1) from None
@@ -43,6 +44,12 @@ def export_command(
         f"wrote {out} (opset {manifest['opset']}); max |diff| of log-probs: "
         + json.dumps({name: figures[name]["logprobs"] for name in figures})
     )
+    if "int8" in manifest:
+        q = manifest["int8"]
+        typer.echo(
+            f"int8 graphs vs fp32 (lossy, not gated): max |diff| of log-probs {q['max_abs_diff_logprobs']:.2e}, "
+            f"argmax agreement {q['argmax_agreement']:.3f}"
+        )
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ from export.errors import ExportError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ONNX_FILES = ("encoder.onnx", "decoder.onnx")
+# Optional (aoanet-export --int8); the format version stays 1: a manifest without them is still complete.
+INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
 
 # The authors' evaluation settings (aoanet-reference.md §4.2): beam 2, 20 steps, raw log-prob sums,
 # UNK suppressed.
@@ -62,24 +64,27 @@ def build(
     static: dict,
     parity: dict,
     source: dict,
+    int8: dict | None = None,
 ) -> dict:
     """The manifest of the files already in ``export_dir``.
 
     graphs: {"encoder": {"inputs": [...], "outputs": [...]}, "decoder": {...}} as written by the conversion.
     static: {"encoder": StaticFiles, "decoder": StaticFiles}.
+    int8: the ``int8`` section (settings and figures) when the int8 graphs were written, else None.
     """
     export_dir = Path(export_dir)
     v = model.vocab_size
     o = model.options
+    names = list(ONNX_FILES) + (list(INT8_FILES.values()) if int8 is not None else [])
     files = {}
-    for name in ONNX_FILES:
+    for name in names:
         path = export_dir / name
         files[name] = {
             "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
-            **graphs[name.split(".")[0]],
+            **graphs[name.split(".")[0]],  # the int8 graphs have the fp32 graphs' inputs and outputs
         }
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "model": "aoanet",
         "ix_to_word": {str(k): w for k, w in ix_to_word.items()},
@@ -100,6 +105,9 @@ def build(
         },
         "model_options": o.to_dict(),
         "decoding": dict(DECODING),
+        # The decoder takes p_att_feats / att_masks once per image, its rows being image-major with the same
+        # number per image (exports without this field take them once per row).
+        "decoder_memory": "per_image",
         "opset": opset,
         "versions": versions(),
         "files": files,
@@ -115,6 +123,9 @@ def build(
         "source_checkpoint": source,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if int8 is not None:
+        manifest["int8"] = int8
+    return manifest
 
 
 def load(export_dir: Path) -> dict:

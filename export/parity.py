@@ -3,9 +3,11 @@
 Each backend encodes the same random features and runs ``steps`` chained decoder steps from the zero
 state, carrying its own state and encoder outputs forward; all three are fed the same tokens (the argmax of
 the dynamic graph's log-probs, BOS first), so differences accumulate as in a real decode. The cases cover one
-region, full and ragged masks, and a batch larger than the others. The export fails when the log-probs of
-either backend differ from the dynamic graph by more than ``LOGPROB_TOLERANCE`` (max absolute difference);
-the other outputs are reported.
+region, full and ragged masks, a batch larger than the others, and beams: ``beams`` image-major decoder rows
+per image, fed the image's memory once (as the runtime's beam search does), while the dynamic graph gets it
+repeated per row (the per-row form); beam j of an image is fed the dynamic graph's j-th best token. The
+export fails when the log-probs of either backend differ from the dynamic graph by more than
+``LOGPROB_TOLERANCE`` (max absolute difference); the other outputs are reported.
 """
 
 from __future__ import annotations
@@ -30,13 +32,24 @@ class Case:
     batch: int
     regions: int
     ragged: bool  # rows get between 1 and `regions` valid regions (the first row all of them)
+    beams: int = 1  # decoder rows per image
 
     def to_json(self) -> dict:
-        return {"batch": self.batch, "regions": self.regions, "ragged": self.ragged}
+        return {"batch": self.batch, "regions": self.regions, "ragged": self.ragged, "beams": self.beams}
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.beams
 
 
-# (1, 1): a single region; the last case has a batch larger than the others and many regions.
-DEFAULT_CASES = (Case(1, 1, False), Case(2, 5, False), Case(3, 10, True), Case(16, 37, True))
+# (1, 1): a single region; then a batch larger than the others with many regions, and beams.
+DEFAULT_CASES = (
+    Case(1, 1, False),
+    Case(2, 5, False),
+    Case(3, 10, True),
+    Case(16, 37, True),
+    Case(4, 12, True, beams=3),
+)
 
 OUTPUTS = ("mean_feats", "p_att_feats", "logprobs", "next_state_h", "next_state_c")
 BACKENDS = ("static", "onnx")
@@ -131,27 +144,30 @@ def compare(reference, backends: dict, case: Case, feats, masks, steps: int = ST
         for output, a, b in zip(("mean_feats", "p_att_feats"), encs[name], ref_enc, strict=True):
             record(name, output, a, b)
 
-    shape = (2, case.batch, ref_enc[0].shape[1])
-    zeros = np.zeros(shape, np.float32)
+    k, rows = case.beams, case.rows
+    zeros = np.zeros((2, rows, ref_enc[0].shape[1]), np.float32)
     ref_state = (zeros, zeros)
     states = dict.fromkeys(backends, (zeros, zeros))
-    it = np.zeros(case.batch, np.int64)  # BOS
+    ref_mem = (np.repeat(ref_enc[0], k, axis=0), np.repeat(ref_enc[1], k, axis=0), np.repeat(masks, k, axis=0))
+    rank = np.arange(rows) % k
+    it = np.zeros(rows, np.int64)  # BOS
     for _ in range(steps):
-        ref_lp, *ref_state = reference.step(it, *ref_state, *ref_enc, masks)
+        ref_lp, *ref_state = reference.step(it, *ref_state, *ref_mem)
         for name, backend in backends.items():
-            lp, h, c = backend.step(it, *states[name], *encs[name], masks)
+            mean, p_att = encs[name]
+            lp, h, c = backend.step(it, *states[name], np.repeat(mean, k, axis=0), p_att, masks)
             states[name] = (h, c)
             for output, a, b in zip(
                 ("logprobs", "next_state_h", "next_state_c"), (lp, h, c), (ref_lp, *ref_state), strict=True
             ):
                 record(name, output, a, b)
             agree[name] += int((lp.argmax(axis=1) == ref_lp.argmax(axis=1)).sum())
-        it = ref_lp.argmax(axis=1).astype(np.int64)
+        it = np.argsort(-ref_lp, axis=1, kind="stable")[np.arange(rows), rank].astype(np.int64)
     return {
         **case.to_json(),
         "lengths": masks.sum(axis=1).astype(int).tolist(),
         "max_abs_diff": diffs,
-        "argmax_agreement": {name: agree[name] / (steps * case.batch) for name in backends},
+        "argmax_agreement": {name: agree[name] / (steps * rows) for name in backends},
     }
 
 
@@ -208,7 +224,7 @@ def run_parity(
 def summary(report: dict) -> dict:
     """The figures kept in the manifest (parity.json has the per-case details)."""
     keys = ("passed", "tolerance", "steps", "max_abs_diff_logprobs", "max_abs_diff", "min_argmax_agreement")
-    return {**{k: report[k] for k in keys}, "cases": [[c["batch"], c["regions"]] for c in report["cases"]]}
+    return {**{k: report[k] for k in keys}, "cases": [[c["batch"], c["regions"], c["beams"]] for c in report["cases"]]}
 
 
 def describe(report: dict) -> str:

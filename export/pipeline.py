@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from export import manifest as manifest_mod
+from export import quantize
 from export.errors import ExportError, ParityError
 from export.onnx_convert import check_opset, contract, convert, import_paddle2onnx
 from export.parity import LOGPROB_TOLERANCE, describe, run_parity, summary
@@ -43,8 +44,13 @@ def export_checkpoint(
     force: bool = False,
     *,
     tolerance: float | None = None,
+    int8: bool = False,
 ) -> dict:
     """Export a checkpoint directory to ``out_dir``; returns the manifest (also written as manifest.json).
+
+    ``int8``: also write ``encoder.int8.onnx`` and ``decoder.int8.onnx`` (dynamic quantization of the parity-checked
+    fp32 graphs, ``export.quantize``), listed in the manifest's ``files`` with the others and measured against the
+    fp32 graphs in its ``int8`` section.
 
     Raises ExportError (ParityError when the graphs do not match the model) with ``out_dir`` untouched.
     """
@@ -60,6 +66,8 @@ def export_checkpoint(
         raise ExportError(f"the export directory {out_dir} would replace the checkpoint {checkpoint_dir}")
     _check_destination(out_dir, force)
     import_paddle2onnx()  # fail before the slow part
+    if int8:
+        quantize.check_available()
 
     try:
         model, ix_to_word = load_model(checkpoint_dir, which)
@@ -93,13 +101,19 @@ def export_checkpoint(
                 report,
             )
 
+        int8_section = None
+        if int8:
+            int8_section = _quantize(onnx_files, tmp, model.options.att_feat_size)
+
         source = {
             "path": str(checkpoint_dir),
             "which": which,
             "weights_file": weights.name,
             "weights_sha256": manifest_mod.sha256_file(weights),
         }
-        manifest = manifest_mod.build(tmp, model, ix_to_word, opset, graphs, static, summary(report), source)
+        manifest = manifest_mod.build(
+            tmp, model, ix_to_word, opset, graphs, static, summary(report), source, int8=int8_section
+        )
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / manifest_mod.MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         _move_into_place(tmp, out_dir, force)
@@ -108,6 +122,23 @@ def export_checkpoint(
         raise
     log.info("export written to %s in %.1f s", out_dir, time.perf_counter() - start)
     return manifest
+
+
+def _quantize(onnx_files: dict, tmp: Path, att_feat_size: int) -> dict:
+    """Write the int8 graphs next to the fp32 ones; the manifest's ``int8`` section."""
+    int8_files, graphs = {}, {}
+    for name, path in onnx_files.items():
+        int8_files[name] = tmp / manifest_mod.INT8_FILES[name]
+        log.info("quantizing the %s to int8", name)
+        graphs[name] = quantize.quantize_file(path, int8_files[name])
+    log.info("measuring the int8 graphs against the fp32 graphs on the parity inputs")
+    figures = quantize.measure(onnx_files, int8_files, att_feat_size)
+    log.info(
+        "int8 vs fp32: max |log-prob difference| %.2e, argmax agreement %.3f",
+        figures["max_abs_diff_logprobs"],
+        figures["argmax_agreement"],
+    )
+    return {**quantize.settings(), "graphs": graphs, **figures}
 
 
 def _umask() -> int:

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSIONS = (1,)
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
+# The graphs of each precision; the int8 ones are optional in an export (aoanet-export --int8).
+MODEL_FILES = {"fp32": (ENCODER, DECODER), "int8": ("encoder.int8.onnx", "decoder.int8.onnx")}
+PRECISIONS = tuple(MODEL_FILES)
 ENCODER_OUTPUTS = ["mean_feats", "p_att_feats"]
 DECODER_OUTPUTS = ["logprobs", "next_state_h", "next_state_c"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -174,7 +177,9 @@ class Captioner:
         self.unk_id = int(manifest["unk_id"])
         self.ix_to_word = {str(k): w for k, w in manifest["ix_to_word"].items()}
         self._bad_ending_ids = bad_ending_ids(self.ix_to_word)
+        self.memory_per_image = manifest.get("decoder_memory") == "per_image"
         self.export_dir: Path | None = None
+        self.precision = "fp32"
 
     @classmethod
     def from_dir(
@@ -184,16 +189,30 @@ class Captioner:
         threads: int | None = None,
         spinning: bool | None = None,
         verify: bool = True,
+        precision: str = "fp32",
     ) -> Captioner:
         """Load an export dir, refusing a missing manifest, an unknown format version and (``verify``) a model
         file whose sha256 differs from the manifest's. ``threads``: intra-op threads per session (default:
-        the CPUs this process may use); ``providers``: default CUDA if available, else CPU."""
+        the CPUs this process may use); ``providers``: default CUDA if available, else CPU.
+
+        ``precision``: "fp32" (the graphs checked against the Paddle model at export) or "int8" (the
+        dynamically quantized graphs of ``aoanet-export --int8``: faster and smaller, but lossy: captions may
+        differ from fp32's)."""
+        if precision not in MODEL_FILES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         export_dir = Path(export_dir)
         manifest = load_manifest(export_dir)
+        names = MODEL_FILES[precision]
+        absent = [name for name in names if name not in manifest["files"]]
+        if absent:
+            raise ExportDirError(
+                f"{export_dir} has no {precision} graphs ({', '.join(absent)} not in its {MANIFEST}): re-export "
+                "the checkpoint with `aoanet-export --int8` to use them"
+            )
         providers = choose_providers(providers)
         options = session_options(threads, spinning)
         sessions = []
-        for name in (ENCODER, DECODER):
+        for name in names:
             data = _read_model(export_dir, manifest, name, verify)
             try:
                 sessions.append(ort.InferenceSession(data, sess_options=options, providers=providers))
@@ -203,6 +222,7 @@ class Captioner:
             log.warning("aoanet runtime: CUDAExecutionProvider could not be initialised, running on the CPU")
         captioner = cls(sessions[0], sessions[1], manifest)
         captioner.export_dir = export_dir
+        captioner.precision = precision
         return captioner
 
     @property
@@ -319,12 +339,16 @@ class Captioner:
 
     @staticmethod
     def _keep(ctx: dict, index: np.ndarray) -> dict:
+        # The search keeps whole images (k consecutive rows each); per-image memory keeps their rows.
+        k = ctx["rows_per_memory"]
+        memory = index[::k] // k
         return {
             "h": ctx["h"][:, index],
             "c": ctx["c"][:, index],
             "mean_feats": ctx["mean_feats"][index],
-            "p_att_feats": ctx["p_att_feats"][index],
-            "att_masks": ctx["att_masks"][index],
+            "p_att_feats": ctx["p_att_feats"][memory],
+            "att_masks": ctx["att_masks"][memory],
+            "rows_per_memory": k,
         }
 
     def decode(
@@ -347,9 +371,15 @@ class Captioner:
         att_masks = np.ascontiguousarray(att_masks, dtype=np.float32)
         mean_feats, p_att_feats = self.encode(att_feats, att_masks)
         k = 1 if (beam_size == 1 and greedy_unk) else int(beam_size)
-        ctx = {"mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks}
+        ctx = {"mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks, "rows_per_memory": 1}
         if k > 1:
-            ctx = {name: np.repeat(x, k, axis=0) for name, x in ctx.items()}
+            # The beams of an image share its memory when the decoder takes it per image (the exports since
+            # manifest field decoder_memory); older exports get it repeated per row.
+            ctx["mean_feats"] = np.repeat(mean_feats, k, axis=0)
+            if not self.memory_per_image:
+                ctx["p_att_feats"], ctx["att_masks"] = np.repeat(p_att_feats, k, axis=0), np.repeat(att_masks, k, 0)
+            else:
+                ctx["rows_per_memory"] = k
             ctx["bos"] = (k, (mean_feats, p_att_feats, att_masks))
         ctx["h"] = ctx["c"] = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
         if beam_size == 1 and greedy_unk:

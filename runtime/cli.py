@@ -1,6 +1,7 @@
 """``aoanet-infer``: caption a split (or a folder of feature files) into a COCO results JSON.
 
     aoanet-infer --backend onnx --model EXPORT_DIR --features DATA_DIR [--split test] --out captions.json
+    aoanet-infer --backend onnx --precision int8 --model EXPORT_DIR ...   (an export made with --int8)
     aoanet-infer --backend paddle --checkpoint CKPT_DIR --features DATA_DIR [--split test] --out captions.json
 
 Both backends list the images the same way, check every feature file's header before decoding, decode the
@@ -43,16 +44,21 @@ class Backend(str, Enum):
     paddle = "paddle"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
 class InferError(RuntimeError):
     pass
 
 
 class OnnxBackend:
-    def __init__(self, export_dir: Path, threads: int | None):
+    def __init__(self, export_dir: Path, threads: int | None, precision: str = "fp32"):
         from runtime.captioner import Captioner, ExportDirError
 
         try:
-            self.captioner = Captioner.from_dir(export_dir, threads=threads)
+            self.captioner = Captioner.from_dir(export_dir, threads=threads, precision=precision)
         except ExportDirError as e:
             raise InferError(str(e)) from None
         self.width = self.captioner.att_feat_size
@@ -139,6 +145,9 @@ def infer(
         None, "--features", help="data dir (cocotalk.json + cocobu_att/) or a folder of <id>.npz / <id>.npy"
     ),
     backend: Backend = typer.Option(Backend.onnx, "--backend", help="onnx (onnxruntime) or paddle"),
+    precision: Precision = typer.Option(
+        Precision.fp32, "--precision", help="fp32, or int8: the quantized graphs of `aoanet-export --int8` (onnx)"
+    ),
     model: Optional[Path] = typer.Option(None, "--model", help="export directory (--backend onnx)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint dir (--backend paddle)"),
     which: str = typer.Option("best", "--which", help="checkpoint weights: best | last (--backend paddle)"),
@@ -159,6 +168,11 @@ def infer(
     try:
         if features is None and input_json is None and att_dir is None:
             raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
+        if backend is Backend.paddle and precision is not Precision.fp32:
+            raise InferError(
+                f"--precision {precision.value} is for --backend onnx (the quantized graphs of an export dir); "
+                "--backend paddle runs the checkpoint in fp32"
+            )
         length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
         images = list_images(features, split, input_json=input_json, att_dir=att_dir)
         if num_images >= 0:
@@ -168,7 +182,7 @@ def infer(
         if backend is Backend.onnx:
             if model is None:
                 raise InferError("--backend onnx needs --model EXPORT_DIR")
-            engine = OnnxBackend(model, threads)
+            engine = OnnxBackend(model, threads, precision.value)
         else:
             if checkpoint is None:
                 raise InferError("--backend paddle needs --checkpoint CHECKPOINT_DIR")
@@ -188,7 +202,7 @@ def infer(
         typer.echo(f"aoanet-infer: error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(
-        f"wrote {len(results)} captions to {out} ({backend.value}, beam {beam_size}): "
+        f"wrote {len(results)} captions to {out} ({backend.value} {precision.value}, beam {beam_size}): "
         f"{len(results) / seconds:.2f} images/s ({seconds:.1f} s)"
     )
 

@@ -1,8 +1,9 @@
 """The whole pipeline on the embedded dataset, with the project's own commands (what `make demo` runs).
 
-synth -> prepro -> ngrams -> nearest-neighbour baseline -> XE -> eval -> SCST -> eval -> export -> ONNX inference
-vs Paddle inference. Prints a table and writes artifacts/demo/report.json. Everything lives under artifacts/demo/;
-the dataset is generated once and reused, the checkpoints and the export are made anew on every run.
+synth -> prepro -> ngrams -> nearest-neighbour baseline -> XE -> eval -> SCST -> eval -> export (fp32 + int8) ->
+ONNX inference vs Paddle inference, and int8 vs fp32 ONNX inference. Prints a table and writes
+artifacts/demo/report.json. Everything lives under artifacts/demo/; the dataset is generated once and reused, the
+checkpoints and the export are made anew on every run.
 """
 
 from __future__ import annotations
@@ -111,6 +112,58 @@ def infer_parity(export_dir: Path, checkpoint: Path, beam_sizes=(1, 2, 3)) -> di
     }
 
 
+def infer_int8(export_dir: Path, beam_size: int, beam_sizes=(1, 2, 3), out_dir: Path = DEMO) -> dict:
+    """int8 vs fp32 ONNX captions of the test split: agreement (beams 1-3, the fp32 files written by
+    infer_parity), CIDEr of both at the demo's beam, and the captioning speed of both in this process."""
+    from aoanet.evaluation import evaluate_predictions, load_references
+
+    equal, total = 0, 0
+    captions = {}
+    for k in sorted({*beam_sizes, beam_size}):
+        fp32_out, int8_out = out_dir / f"infer_onnx_b{k}.json", out_dir / f"infer_onnx_int8_b{k}.json"
+        common = ["--model", export_dir, "--features", DATA, "--split", "test", "--beam-size", k]
+        if k not in beam_sizes:  # not written by infer_parity in this run
+            run("aoanet-infer", *common, "--out", fp32_out)
+        run("aoanet-infer", *common, "--precision", "int8", "--out", int8_out)
+        a = {p["image_id"]: p["caption"] for p in read_json(fp32_out)}
+        b = {p["image_id"]: p["caption"] for p in read_json(int8_out)}
+        if set(a) != set(b):
+            raise SystemExit(f"int8 and fp32 captioned different images at beam {k}")
+        if k in beam_sizes:
+            equal += sum(a[i] == b[i] for i in a)
+            total += len(a)
+        if k == beam_size:
+            captions = {"fp32": read_json(fp32_out), "int8": read_json(int8_out)}
+    references = load_references(DATA / "dataset_coco.json")
+    cider = {name: evaluate_predictions(preds, references, spice=False)["CIDEr"] for name, preds in captions.items()}
+    return {
+        "captions_equal_fp32": equal / total,
+        "images_compared": total,
+        "beam_sizes": list(beam_sizes),
+        "cider": {**cider, "beam_size": beam_size},
+        "images_per_s": {**captioning_speed(export_dir, beam_size), "beam_size": beam_size},
+        "images_per_s_note": "captioning only (test-split features in memory), best of 3",
+    }
+
+
+def captioning_speed(export_dir: Path, beam_size: int, repeats: int = 3) -> dict:
+    from runtime import Captioner
+    from runtime.features import list_images, read_features
+
+    images = list_images(DATA, "test")
+    rates = {}
+    for precision in ("fp32", "int8"):
+        captioner = Captioner.from_dir(export_dir, precision=precision)
+        feats = [read_features(image, captioner.att_feat_size) for image in images]
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            captioner.caption(feats, beam_size=beam_size)
+            best = min(best, time.perf_counter() - start)
+        rates[precision] = len(feats) / best
+    return rates
+
+
 def table(report: dict) -> str:
     rows = [
         ("baseline_nn", report.get("baseline_nn", {})),
@@ -122,15 +175,21 @@ def table(report: dict) -> str:
         if m:
             lines.append(f"{name:12s}" + "".join(f"{m.get(k, float('nan')):9.3f}" for k in METRICS))
     if "export" in report:
-        lines.append(
-            f"export: max |logprob diff| paddle vs onnx = {report['export']['max_abs_diff_logprobs']:.2e}"
-        )
+        lines.append(f"export: max |logprob diff| paddle vs onnx = {report['export']['max_abs_diff_logprobs']:.2e}")
     if "infer" in report:
         i = report["infer"]
         lines.append(
             f"infer: captions equal to paddle = {i['captions_equal_paddle']:.3f} "
             f"({i['images_compared']} captions), {i['images_per_s']:.1f} images/s"
         )
+        if "int8" in i:
+            q = i["int8"]
+            lines.append(
+                f"infer int8: captions equal to fp32 = {q['captions_equal_fp32']:.3f} ({q['images_compared']} "
+                f"captions); beam {q['cider']['beam_size']}: CIDEr {q['cider']['int8']:.3f} (fp32 "
+                f"{q['cider']['fp32']:.3f}), {q['images_per_s']['int8']:.0f} images/s (fp32 "
+                f"{q['images_per_s']['fp32']:.0f})"
+            )
     return "\n".join(lines)
 
 
@@ -160,10 +219,11 @@ def main():
         report["scst_vs_xe_cider"] = report["scst"]["CIDEr"] / report["xe"]["CIDEr"]
     report["xe_vs_baseline_cider"] = report["xe"]["CIDEr"] / report["baseline_nn"]["CIDEr"]
 
-    run("aoanet-export", "--checkpoint", final, "--out", DEMO / "export", "--force")
+    run("aoanet-export", "--checkpoint", final, "--out", DEMO / "export", "--force", "--int8")
     parity = read_json(DEMO / "export" / "parity.json")
     report["export"] = {"max_abs_diff_logprobs": parity["max_abs_diff_logprobs"], "checkpoint": final.name}
     report["infer"] = infer_parity(DEMO / "export", final)
+    report["infer"]["int8"] = infer_int8(DEMO / "export", args.beam_size)
     report["seconds"] = round(time.time() - started, 1)
 
     (DEMO / "report.json").write_text(json.dumps(report, indent=1))

@@ -128,6 +128,20 @@ def test_onnx_and_paddle_give_identical_captions(model, captioner, beam_size):
     assert len(set(lengths.tolist())) >= 3 and lengths.max() == 20 and lengths.min() < 10
 
 
+def test_memory_per_image_equals_memory_per_row(captioner):
+    """The exported decoder takes each image's memory once for its beams (manifest decoder_memory); fed it once
+    per row instead (exports without the field), the same graph gives the same captions and scores."""
+    assert captioner.manifest["decoder_memory"] == "per_image" and captioner.memory_per_image
+    per_row = Captioner(captioner.encoder, captioner.decoder, captioner.manifest)
+    per_row.memory_per_image = False
+    feats, masks = random_batch(3)
+    for beam_size in (2, 3):
+        a, b = captioner.decode(feats, masks, beam_size), per_row.decode(feats, masks, beam_size)
+        np.testing.assert_array_equal(a.seqs, b.seqs)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        assert a.n_steps == b.n_steps
+
+
 def test_parity_with_the_optional_constraints(model, captioner):
     parity = _load_script("parity_infer")
     options = dict(length_penalty="wu_0.5", block_trigrams=True, bad_ending_ids=np.array([3]))

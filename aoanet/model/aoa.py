@@ -15,7 +15,6 @@ from aoanet.model.layers import (
     Refiner,
     log_softmax,
     mask_to_bias,
-    mask_to_flat_bias,
     torch_linear,
 )
 from aoanet.model.options import ModelOptions
@@ -102,9 +101,11 @@ class AoAModel(nn.Layer):
     def step(self, it, state, mean_feats, p_att_feats, att_masks=None):
         """One decoder step: tokens [B] and state (h, c), each [2, B, R] -> (logprobs [B, V+1], state).
 
-        Reads p_att_feats in place (the exported decoder is this method); loops over many steps use ``_step``
-        with keys/values split into heads once."""
-        return self._step(it, state, mean_feats, p_att_feats, mask_to_flat_bias(att_masks, p_att_feats))
+        mean_feats has a row per decoder row. p_att_feats and att_masks have one too, or one row per image when
+        the decoder rows are image-major with the same number per image (beam search: the beams of an image
+        share its memory). The exported decoder is this method; loops over many steps use ``_step`` with
+        keys/values split into heads once."""
+        return self._step(it, state, mean_feats, p_att_feats, mask_to_bias(att_masks))
 
     def _step(self, it, state, mean_feats, memory, mask_bias):
         # The loops below split keys/values and build the mask bias once per sequence, not once per step:

@@ -107,13 +107,6 @@ def mask_to_bias(att_masks):
     return ((1.0 - att_masks) * MASK_FILL).unsqueeze([1, 2])
 
 
-def mask_to_flat_bias(att_masks, p_att_feats):
-    """[B, N] float mask -> additive bias [B, N, 1] for DecoderAttention.forward_flat (zeros when None)."""
-    if att_masks is None:
-        return paddle.zeros_like(p_att_feats[:, :, :1])
-    return ((1.0 - att_masks) * MASK_FILL).unsqueeze(-1)
-
-
 class RefinerAttention(nn.Layer):
     """Multi-head self-attention of the refiner with the AoA gate and no output projection (§1.2)."""
 
@@ -215,27 +208,20 @@ class DecoderAttention(nn.Layer):
         q = _split_heads(self.linears[0](self.norm(h)).unsqueeze(1), self.num_heads)
         return _merge_heads(attend(q, key_heads, value_heads, mask_bias, self.dropout)).squeeze(1)
 
-    def forward_flat(self, h, p_att_feats, mask_bias):
-        """The same attention reading p_att_feats [B, N, 2R] (values | keys) in place; mask_bias [B, N, 1].
+    def forward_grouped(self, h, p_att_feats, mask_bias):
+        """The same attention for image-major decoder rows h [I*k, R] over per-image memory p_att_feats
+        [I, N, 2R] (values | keys) with mask_bias [I, 1, 1, N]; k = 1 is the per-row case.
 
-        This is the exported step's form: splitting keys/values into heads copies the whole memory at every
-        decoder step (~4 passes over [B, N, 2R]), which made it ~20% of a full-size step in onnxruntime. Here
-        the query is laid out block-diagonally, [B, 2R, heads] with zeros over the values half and query head
-        h in column h over its keys, so that one batched matmul gives every head's scores [B, N, heads], and a
-        second one gives [B, heads, 2R], of which each head keeps its own value block.
+        This is the exported step's form: the k beams of an image share its keys/values, so a step reads each
+        image's memory once, as [k, d_k] x [d_k, N] products per head, instead of k expanded copies of it.
         """
-        r = self.norm.a_2.shape[0]
-        d_k = r // self.num_heads
-        # head_of[i, j] = 1 where feature i of a [R] vector belongs to head j (i // d_k == j)
-        head_of = (paddle.arange(r, dtype="int64").unsqueeze(1) // d_k == paddle.arange(self.num_heads)).astype(
-            h.dtype
-        )
-        q = self.linears[0](self.norm(h)).unsqueeze(-1) * head_of  # [B, R, heads]
-        q = paddle.concat([paddle.zeros_like(q), q], axis=1)  # [B, 2R, heads]: values half, keys half
-        scores = paddle.matmul(p_att_feats, q) * (1.0 / math.sqrt(d_k)) + mask_bias  # [B, N, heads]
-        probs = self.dropout(F.softmax(scores, axis=1))
-        weighted = paddle.matmul(probs, p_att_feats, transpose_x=True)  # [B, heads, 2R]
-        return (weighted[:, :, :r] * head_of.t()).sum(axis=1)  # [B, R]
+        i, r = p_att_feats.shape[0], self.norm.a_2.shape[0]
+        heads, d_k = self.num_heads, r // self.num_heads
+        q = self.linears[0](self.norm(h)).reshape([i, -1, heads, d_k]).transpose([0, 2, 1, 3])  # [I, h, k, d_k]
+        memory = p_att_feats.reshape([0, 0, 2 * heads, d_k]).transpose([0, 2, 1, 3])  # [I, 2h: values|keys, N, d_k]
+        out = attend(q, memory[:, heads:], memory[:, :heads], mask_bias, self.dropout)  # [I, h, k, d_k]
+        # flatten, not reshape([-1, R]): paddle.inference 3.3 rejects that reshape (a PIR pass mistypes it)
+        return out.transpose([0, 2, 1, 3]).flatten(2).flatten(0, 1)  # [I*k, R]
 
 
 class AoADecoderCore(nn.Layer):
@@ -266,14 +252,14 @@ class AoADecoderCore(nn.Layer):
         return _split_heads(p_att_feats[:, :, :r], h), _split_heads(p_att_feats[:, :, r:], h)
 
     def forward(self, xt, mean_feats, memory, mask_bias, state_h, state_c):
-        """memory: split_memory(p_att_feats), computed once per sequence, with mask_to_bias; or p_att_feats
-        itself with mask_to_flat_bias (the exported step's form, see DecoderAttention.forward_flat)."""
+        """memory: split_memory(p_att_feats), computed once per sequence; or p_att_feats itself, one row per
+        image (the exported step's form, see DecoderAttention.forward_grouped). mask_bias from mask_to_bias."""
         lstm_in = paddle.concat([xt, mean_feats + self.ctx_drop(state_h[1])], axis=1)
         h_att, c_att = self.att_lstm(lstm_in, (state_h[0], state_c[0]))[1]
         if isinstance(memory, (tuple, list)):
             att = self.attention(h_att, memory[0], memory[1], mask_bias)
         else:
-            att = self.attention.forward_flat(h_att, memory, mask_bias)
+            att = self.attention.forward_grouped(h_att, memory, mask_bias)
         ctx = self.att2ctx(paddle.concat([att, h_att], axis=1))
         next_h = paddle.stack([h_att, ctx])
         next_c = paddle.stack([c_att, state_c[1]])

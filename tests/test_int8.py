@@ -1,0 +1,317 @@
+"""The int8 variant of the export (``aoanet-export --int8``) and of the runtime (``precision="int8"``,
+``aoanet-infer --precision int8``): files, hashes, quantized graphs, closeness to fp32, errors.
+
+The model is test_runtime's (random weights, decoder dynamics sharpened so that captions end at varied lengths),
+exported once for the module through the command. int8 is lossy, so the checks against fp32 have tolerances,
+each measured on this model (see the constants).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from test_runtime import BLOCKER, ROOT, F, R, V, make_checkpoint, random_batch, run_cli
+from typer.testing import CliRunner
+
+from export import ExportError, export_checkpoint, quantize
+from export import manifest as manifest_mod
+from runtime import Captioner, ExportDirError
+
+INT8 = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
+
+# One decoder step, int8 vs fp32 graph, 24 rows of random inputs: measured over 50 seeds, max |d log-prob| at most
+# 0.048 (median 0.033) and mean |d log-prob| at most 0.0085. The tolerances are 3x that, for other CPUs' int8
+# kernels; they still catch a broken graph: this model's log-probs spread over ~4.4 (std 0.63) within a row.
+STEP_MAX_TOLERANCE, STEP_MEAN_TOLERANCE = 0.15, 0.03
+# Captions equal to fp32's, beam 2, 240 images (10 batches of 24): measured 0.729 (per batch 0.58-0.88; beams 1
+# and 3: 0.746, 0.721). Random weights with sharpened dynamics make close calls between tokens common; on the
+# trained demo model the figure is 0.95. The threshold leaves ~4 standard errors (0.03 at 240 images) of margin.
+MIN_CAPTIONS_EQUAL = 0.6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "run")
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """An export with the int8 graphs, made by the command; (export dir, the command's output)."""
+    from export.cli import app
+
+    out = tmp_path_factory.mktemp("export") / "aoanet"
+    result = CliRunner().invoke(app, ["--checkpoint", str(checkpoint), "--out", str(out), "--int8"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+@pytest.fixture(scope="module")
+def export_dir(exported) -> Path:
+    return exported[0]
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    """A plain folder of <id>.npy region features."""
+    folder = tmp_path_factory.mktemp("feats")
+    rng = np.random.default_rng(11)
+    for image_id in range(12):
+        k = int(rng.integers(1, 12))
+        np.save(folder / f"{image_id}.npy", (np.abs(rng.standard_normal((k, F))) * 2).astype(np.float32))
+    return folder
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _signature(model) -> list:
+    def describe(values):
+        return [
+            (v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+            for v in values
+        ]
+
+    return [describe(model.graph.input), describe(model.graph.output)]
+
+
+# ---------------------------------------------------------------------------------------------- the export
+def test_int8_files_are_hashed_in_the_manifest(exported):
+    out, output = exported
+    manifest = manifest_mod.verify(out)  # every listed file matches its sha256
+    assert manifest["format_version"] == 1
+    assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", *INT8.values()}
+    for name in INT8.values():
+        entry = manifest["files"][name]
+        assert entry["sha256"] == manifest_mod.sha256_file(out / name) and entry["bytes"] == (out / name).stat().st_size
+        fp32 = manifest["files"][name.replace(".int8", "")]
+        assert (entry["inputs"], entry["outputs"]) == (fp32["inputs"], fp32["outputs"])
+    q = manifest["int8"]
+    assert q["weight_type"] == "QInt8" and q["per_channel"] is quantize.PER_CHANNEL
+    assert q["graphs"]["encoder"]["quantized_nodes"] and q["graphs"]["decoder"]["quantized_nodes"]
+    # Measured at export against the fp32 graphs on the parity inputs: 0.064 and 0.986 on this model.
+    assert 0 < q["max_abs_diff_logprobs"] < 0.5 and q["max_abs_diff"]["logprobs"] == q["max_abs_diff_logprobs"]
+    assert all(np.isfinite(v) for v in q["max_abs_diff"].values())
+    assert q["argmax_agreement"] >= 0.9 and q["min_argmax_agreement"] <= q["argmax_agreement"]
+    assert manifest["parity"]["passed"] is True  # the fp32 graphs' guarantee is unchanged
+    assert "int8 graphs vs fp32" in output and "argmax agreement" in output
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "parity.json", "static", "encoder.onnx", "decoder.onnx", *INT8.values()]
+    )
+
+
+def test_int8_graphs_are_quantized_smaller_and_keep_the_contract(export_dir):
+    for name, int8_name in INT8.items():
+        fp32, int8 = onnx.load(str(export_dir / f"{name}.onnx")), onnx.load(str(export_dir / int8_name))
+        onnx.checker.check_model(int8)
+        assert _signature(int8) == _signature(fp32)
+        ops = [n.op_type for n in int8.graph.node]
+        assert ops.count("MatMulInteger") >= 5, ops
+        # Every matmul left in float multiplies two activations (attention); none has a constant weight.
+        constants = {t.name for t in int8.graph.initializer} | {
+            o for n in int8.graph.node if n.op_type == "Constant" for o in n.output
+        }
+        assert not [n.name for n in int8.graph.node if n.op_type in ("MatMul", "Gemm") and constants & set(n.input)]
+        # 0.43 (encoder) and 0.39 (decoder) of the fp32 size for this small model (a fixed part is graph
+        # structure); 0.25 at full size.
+        assert (export_dir / int8_name).stat().st_size < 0.6 * (export_dir / f"{name}.onnx").stat().st_size
+
+
+def test_int8_decoder_step_is_close_to_fp32(export_dir):
+    encoder = _session(export_dir / "encoder.onnx")
+    fp32, int8 = _session(export_dir / "decoder.onnx"), _session(export_dir / INT8["decoder"])
+    worst_max, worst_mean = 0.0, 0.0
+    for seed in range(5):
+        rng = np.random.default_rng(100 + seed)
+        feats, masks = random_batch(seed)
+        mean_feats, p_att_feats = encoder.run(None, {"att_feats": feats, "att_masks": masks})
+        rows = len(feats)
+        feeds = {
+            "it": rng.integers(0, V + 1, rows).astype(np.int64),
+            "state_h": (rng.standard_normal((2, rows, R)) * 0.5).astype(np.float32),
+            "state_c": rng.standard_normal((2, rows, R)).astype(np.float32),
+            "mean_feats": mean_feats,
+            "p_att_feats": p_att_feats,
+            "att_masks": masks,
+        }
+        a, b = fp32.run(["logprobs"], feeds)[0], int8.run(["logprobs"], feeds)[0]
+        assert np.isfinite(b).all() and b.shape == a.shape
+        np.testing.assert_allclose(np.exp(b).sum(axis=1), 1.0, atol=1e-4)  # still log-probabilities
+        worst_max = max(worst_max, float(np.abs(a - b).max()))
+        worst_mean = max(worst_mean, float(np.abs(a - b).mean()))
+    assert worst_max <= STEP_MAX_TOLERANCE and worst_mean <= STEP_MEAN_TOLERANCE, (worst_max, worst_mean)
+    assert worst_max > 0  # the int8 graph is not the fp32 one
+
+
+def test_failed_int8_measurement_leaves_no_out_dir(checkpoint, tmp_path, monkeypatch):
+    def non_finite(*args, **kwargs):
+        raise ExportError("the int8 graphs give non-finite logprobs on the parity inputs")
+
+    monkeypatch.setattr(quantize, "measure", non_finite)
+    with pytest.raises(ExportError, match="non-finite"):
+        export_checkpoint(checkpoint, tmp_path / "out", int8=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_measure_refuses_non_finite_int8_outputs(export_dir, tmp_path):
+    # A decoder whose log-probs are NaN: the fp32 graph with a NaN added to its output.
+    model = onnx.load(str(export_dir / "decoder.onnx"))
+    for node in model.graph.node:
+        node.output[:] = ["logprobs_finite" if o == "logprobs" else o for o in node.output]
+    nan = onnx.helper.make_tensor("nan", onnx.TensorProto.FLOAT, [], [float("nan")])
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["nan_value"], value=nan))
+    model.graph.node.append(onnx.helper.make_node("Add", ["logprobs_finite", "nan_value"], ["logprobs"]))
+    onnx.save(model, str(tmp_path / "decoder.nan.onnx"))
+    fp32 = {name: export_dir / f"{name}.onnx" for name in INT8}
+    with pytest.raises(ExportError, match="non-finite .*logprobs"):
+        quantize.measure(fp32, {**fp32, "decoder": tmp_path / "decoder.nan.onnx"}, F)
+
+
+def _tiny_graph(weight_as_constant: bool) -> onnx.ModelProto:
+    """y = x @ W: W behind Constant + Identity (as paddle2onnx writes weights), or a second graph input."""
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 16])
+    y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    inputs, nodes = [x], []
+    if weight_as_constant:
+        w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+        nodes += [
+            h.make_node("Constant", [], ["w_const"], value=onnx.numpy_helper.from_array(w)),
+            h.make_node("Identity", ["w_const"], ["w"]),
+        ]
+    else:
+        inputs.append(h.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [16, 8]))
+    nodes.append(h.make_node("MatMul", ["x", "w"], ["y"]))
+    return h.make_model(h.make_graph(nodes, "g", inputs, [y]), opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_quantize_folds_constant_weights_and_fails_when_nothing_is_quantized(tmp_path):
+    onnx.save(_tiny_graph(True), str(tmp_path / "const.onnx"))
+    info = quantize.quantize_file(tmp_path / "const.onnx", tmp_path / "const.int8.onnx")
+    assert info["quantized_nodes"] == {"MatMulInteger": 1} and info["weight_matmuls_found"] == 1
+    onnx.save(_tiny_graph(False), str(tmp_path / "free.onnx"))
+    with pytest.raises(ExportError, match="quantized no MatMul/Gemm"):
+        quantize.quantize_file(tmp_path / "free.onnx", tmp_path / "free.int8.onnx")
+    assert not (tmp_path / "free.int8.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["const.int8.onnx", "const.onnx", "free.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------- the runtime
+def test_runtime_int8_captions_mostly_agree_with_fp32(export_dir):
+    fp32, int8 = Captioner.from_dir(export_dir), Captioner.from_dir(export_dir, precision="int8")
+    assert (fp32.precision, int8.precision) == ("fp32", "int8")
+    equal, captions = [], []
+    for seed in range(10):
+        feats, masks = random_batch(seed)
+        a, b = fp32.caption(feats, masks, beam_size=2), int8.caption(feats, masks, beam_size=2)
+        assert np.isfinite(b.scores).all()
+        equal += [x == y for x, y in zip(a.captions, b.captions, strict=True)]
+        captions += b.captions
+    assert len(set(captions)) > 10  # int8 captions are varied, not a degenerate constant
+    assert np.mean(equal) >= MIN_CAPTIONS_EQUAL, np.mean(equal)
+
+
+def _copy(export_dir: Path, dest: Path, names=("manifest.json", "encoder.onnx", "decoder.onnx", *INT8.values())):
+    dest.mkdir()
+    for name in names:
+        shutil.copy(export_dir / name, dest / name)
+    return dest
+
+
+def test_runtime_int8_errors(export_dir, tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of fp32, int8, got 'int4'"):
+        Captioner.from_dir(export_dir, precision="int4")
+    # An export made without --int8: its manifest lists only the fp32 graphs and has no int8 section.
+    old = _copy(export_dir, tmp_path / "fp32_only", names=("manifest.json", "encoder.onnx", "decoder.onnx"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["int8"]
+    for name in INT8.values():
+        del manifest["files"][name]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert Captioner.from_dir(old).precision == "fp32"  # still a complete export
+    with pytest.raises(ExportDirError, match=r"has no int8 graphs .*aoanet-export --int8") as info:
+        Captioner.from_dir(old, precision="int8")
+    assert str(old) in str(info.value)
+    # Listed but deleted.
+    deleted = _copy(export_dir, tmp_path / "deleted")
+    (deleted / INT8["decoder"]).unlink()
+    with pytest.raises(ExportDirError, match=r"decoder\.int8\.onnx is missing \(listed in manifest\.json\)"):
+        Captioner.from_dir(deleted, precision="int8")
+    # Tampered: refused by the hash check, like the fp32 graphs.
+    tampered = _copy(export_dir, tmp_path / "tampered")
+    data = bytearray((tampered / INT8["encoder"]).read_bytes())
+    data[-1] ^= 1
+    (tampered / INT8["encoder"]).write_bytes(bytes(data))
+    with pytest.raises(ExportDirError, match=r"encoder\.int8\.onnx does not match its sha256"):
+        Captioner.from_dir(tampered, precision="int8")
+    assert Captioner.from_dir(tampered).precision == "fp32"  # the fp32 graphs are untouched
+
+
+def test_runtime_int8_works_where_paddle_cannot_be_imported(export_dir):
+    code = (
+        BLOCKER
+        + f"""
+import json, numpy as np
+from runtime import Captioner
+c = Captioner.from_dir({str(export_dir)!r}, precision="int8")
+r = c.caption([np.ones((k, {F}), np.float32) for k in (3, 1)], beam_size=2)
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'aoanet', 'export'))
+print(json.dumps({{'captions': r.captions, 'loaded': loaded}}))
+"""
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == [] and len(report["captions"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def test_infer_precision_int8_end_to_end(export_dir, checkpoint, features, tmp_path, capsys):
+    results = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.json"
+        code, stdout, err = run_cli(
+            ["--model", str(export_dir), "--features", str(features), "--precision", precision, "--out", str(out)],
+            capsys,
+        )
+        assert code == 0, err
+        assert f"onnx {precision}, beam 3" in stdout and "images/s" in stdout
+        results[precision] = json.loads(out.read_text())
+    assert [r["image_id"] for r in results["int8"]] == [r["image_id"] for r in results["fp32"]] == list(range(12))
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results["int8"])
+
+    out = tmp_path / "paddle.json"
+    code, _, err = run_cli(
+        [
+            "--backend",
+            "paddle",
+            "--checkpoint",
+            str(checkpoint),
+            "--features",
+            str(features),
+            "--precision",
+            "int8",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 1 and "--precision int8 is for --backend onnx" in err and not out.exists()
+
+    old = _copy(export_dir, tmp_path / "fp32_only", names=("manifest.json", "encoder.onnx", "decoder.onnx"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if k not in INT8.values()}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(
+        ["--model", str(old), "--features", str(features), "--precision", "int8", "--out", str(out)], capsys
+    )
+    assert code == 1 and "has no int8 graphs" in err and "aoanet-export --int8" in err and not out.exists()
