@@ -11,7 +11,9 @@ from pathlib import Path
 from aoanet.model import AoAModel
 from export.errors import ExportError
 
-FORMAT_VERSION = 1
+# 2: the encoder also outputs att_values/att_keys (head layout), which the decoder takes instead of p_att_feats,
+# a row per image (1: p_att_feats, a row per decoder row).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ONNX_FILES = ("encoder.onnx", "decoder.onnx")
 # Optional (aoanet-export --int8); the format version stays 1: a manifest without them is still complete.
@@ -105,9 +107,6 @@ def build(
         },
         "model_options": o.to_dict(),
         "decoding": dict(DECODING),
-        # The decoder takes p_att_feats / att_masks once per image, its rows being image-major with the same
-        # number per image (exports without this field take them once per row).
-        "decoder_memory": "per_image",
         "opset": opset,
         "versions": versions(),
         "files": files,

@@ -37,23 +37,31 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-def contract(vocab_size: int, rnn_size: int, att_feat_size: int) -> dict[str, tuple[list, list]]:
+def contract(vocab_size: int, rnn_size: int, att_feat_size: int, num_heads: int) -> dict[str, tuple[list, list]]:
     """{graph: (inputs, outputs)} as TensorSpecs, in the order of the wrappers' arguments and results."""
-    r, f, b, n = rnn_size, att_feat_size, BATCH, REGIONS
+    r, f, b, n, h = rnn_size, att_feat_size, BATCH, REGIONS, num_heads
     masks = TensorSpec("att_masks", "float32", (b, n))
     mean = TensorSpec("mean_feats", "float32", (b, r))
-    p_att = TensorSpec("p_att_feats", "float32", (b, n, 2 * r))
-    # The decoder's rows are image-major with the same number per image (the beams); its memory has a row per
-    # image (or per decoder row: images == batch), see AoAModel.step.
+    # The decoder's rows are image-major with the same number per image (the beams); its memory (keys and
+    # values in head layout, and the mask) has a row per image (or per decoder row: images == batch).
     return {
-        "encoder": ([TensorSpec("att_feats", "float32", (b, n, f)), masks], [mean, p_att]),
+        "encoder": (
+            [TensorSpec("att_feats", "float32", (b, n, f)), masks],
+            [
+                mean,
+                TensorSpec("p_att_feats", "float32", (b, n, 2 * r)),
+                TensorSpec("att_values", "float32", (b, h, n, r // h)),
+                TensorSpec("att_keys", "float32", (b, h, n, r // h)),
+            ],
+        ),
         "decoder": (
             [
                 TensorSpec("it", "int64", (b,)),
                 TensorSpec("state_h", "float32", (2, b, r)),
                 TensorSpec("state_c", "float32", (2, b, r)),
                 mean,
-                TensorSpec("p_att_feats", "float32", (IMAGES, n, 2 * r)),
+                TensorSpec("att_values", "float32", (IMAGES, h, n, r // h)),
+                TensorSpec("att_keys", "float32", (IMAGES, h, n, r // h)),
                 TensorSpec("att_masks", "float32", (IMAGES, n)),
             ],
             [

@@ -51,7 +51,8 @@ DEFAULT_CASES = (
     Case(4, 12, True, beams=3),
 )
 
-OUTPUTS = ("mean_feats", "p_att_feats", "logprobs", "next_state_h", "next_state_c")
+ENCODER_OUTPUTS = ("mean_feats", "p_att_feats", "att_values", "att_keys")
+OUTPUTS = (*ENCODER_OUTPUTS, "logprobs", "next_state_h", "next_state_c")
 BACKENDS = ("static", "onnx")
 
 
@@ -66,24 +67,37 @@ def random_inputs(rng: np.random.Generator, case: Case, att_feat_size: int) -> t
 
 
 class DynamicBackend:
+    """The reference: the model's own ``encode`` and ``step`` (which takes p_att_feats, not the head layout)."""
+
     def __init__(self, model: AoAModel):
         self.model = model
 
     @paddle.no_grad()
     def encode(self, feats, masks):
         mean, p_att = self.model.encode(paddle.to_tensor(feats), paddle.to_tensor(masks))
-        return mean.numpy(), p_att.numpy()
+        values, keys = self.model.core.split_memory(p_att)
+        return mean.numpy(), p_att.numpy(), values.numpy(), keys.numpy()
 
     @paddle.no_grad()
-    def step(self, it, h, c, mean, p_att, masks):
+    def step(self, it, h, c, mean, encoded, masks):
         t = paddle.to_tensor
-        lp, (h, c) = self.model.step(t(it), (t(h), t(c)), t(mean), t(p_att), t(masks))
+        lp, (h, c) = self.model.step(t(it), (t(h), t(c)), t(mean), t(encoded[1]), t(masks))
         return lp.numpy(), h.numpy(), c.numpy()
 
 
-def decoder_feeds(it, h, c, mean, p_att, masks) -> dict:
-    """The decoder's inputs by their contract names (the same for paddle.inference and onnxruntime)."""
-    return {"it": it, "state_h": h, "state_c": c, "mean_feats": mean, "p_att_feats": p_att, "att_masks": masks}
+def decoder_feeds(it, h, c, mean, encoded, masks) -> dict:
+    """The decoder's inputs by their contract names (the same for paddle.inference and onnxruntime), from the
+    encoder's outputs ``encoded``."""
+    values, keys = encoded[2], encoded[3]
+    return {
+        "it": it,
+        "state_h": h,
+        "state_c": c,
+        "mean_feats": mean,
+        "att_values": values,
+        "att_keys": keys,
+        "att_masks": masks,
+    }
 
 
 class StaticBackend:
@@ -93,8 +107,8 @@ class StaticBackend:
     def encode(self, feats, masks):
         return tuple(self.encoder({"att_feats": feats, "att_masks": masks}))
 
-    def step(self, it, h, c, mean, p_att, masks):
-        return tuple(self.decoder(decoder_feeds(it, h, c, mean, p_att, masks)))
+    def step(self, it, h, c, mean, encoded, masks):
+        return tuple(self.decoder(decoder_feeds(it, h, c, mean, encoded, masks)))
 
 
 def onnx_session(path: Path, threads: int = 1):
@@ -113,13 +127,11 @@ class OnnxBackend:
         self.encoder, self.decoder = onnx_session(encoder, threads), onnx_session(decoder, threads)
 
     def encode(self, feats, masks):
-        return tuple(
-            self.encoder.run(["mean_feats", "p_att_feats"], {"att_feats": feats, "att_masks": masks})
-        )
+        return tuple(self.encoder.run(list(ENCODER_OUTPUTS), {"att_feats": feats, "att_masks": masks}))
 
-    def step(self, it, h, c, mean, p_att, masks):
+    def step(self, it, h, c, mean, encoded, masks):
         outputs = ["logprobs", "next_state_h", "next_state_c"]
-        return tuple(self.decoder.run(outputs, decoder_feeds(it, h, c, mean, p_att, masks)))
+        return tuple(self.decoder.run(outputs, decoder_feeds(it, h, c, mean, encoded, masks)))
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -141,21 +153,22 @@ def compare(reference, backends: dict, case: Case, feats, masks, steps: int = ST
     encs = {}
     for name, backend in backends.items():
         encs[name] = backend.encode(feats, masks)
-        for output, a, b in zip(("mean_feats", "p_att_feats"), encs[name], ref_enc, strict=True):
+        for output, a, b in zip(ENCODER_OUTPUTS, encs[name], ref_enc, strict=True):
             record(name, output, a, b)
 
     k, rows = case.beams, case.rows
     zeros = np.zeros((2, rows, ref_enc[0].shape[1]), np.float32)
     ref_state = (zeros, zeros)
     states = dict.fromkeys(backends, (zeros, zeros))
-    ref_mem = (np.repeat(ref_enc[0], k, axis=0), np.repeat(ref_enc[1], k, axis=0), np.repeat(masks, k, axis=0))
+    ref_mem = tuple(np.repeat(x, k, axis=0) for x in ref_enc)
+    ref_masks = np.repeat(masks, k, axis=0)
     rank = np.arange(rows) % k
     it = np.zeros(rows, np.int64)  # BOS
     for _ in range(steps):
-        ref_lp, *ref_state = reference.step(it, *ref_state, *ref_mem)
+        ref_lp, *ref_state = reference.step(it, *ref_state, ref_mem[0], ref_mem, ref_masks)
         for name, backend in backends.items():
-            mean, p_att = encs[name]
-            lp, h, c = backend.step(it, *states[name], np.repeat(mean, k, axis=0), p_att, masks)
+            enc = encs[name]
+            lp, h, c = backend.step(it, *states[name], np.repeat(enc[0], k, axis=0), enc, masks)
             states[name] = (h, c)
             for output, a, b in zip(
                 ("logprobs", "next_state_h", "next_state_c"), (lp, h, c), (ref_lp, *ref_state), strict=True

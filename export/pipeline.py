@@ -83,7 +83,7 @@ def export_checkpoint(
         log.info("tracing the static graphs")
         static = save_static(model, tmp / "static")
         o = model.options
-        specs = contract(model.vocab_size, o.rnn_size, o.att_feat_size)
+        specs = contract(model.vocab_size, o.rnn_size, o.att_feat_size, o.num_heads)
         graphs, onnx_files = {}, {}
         for name, (inputs, outputs) in specs.items():
             log.info("converting the %s to ONNX (opset %d)", name, opset)

@@ -18,12 +18,13 @@ import paddle
 from paddle.static import InputSpec
 
 from aoanet.model import AoAModel
+from aoanet.model.layers import mask_to_bias
 from export.errors import ExportError
 
 # Contract names (docs/ARCHITECTURE.md, "ONNX export"), in the order of the wrappers' arguments and results.
 ENCODER_INPUTS = ("att_feats", "att_masks")
-ENCODER_OUTPUTS = ("mean_feats", "p_att_feats")
-DECODER_INPUTS = ("it", "state_h", "state_c", "mean_feats", "p_att_feats", "att_masks")
+ENCODER_OUTPUTS = ("mean_feats", "p_att_feats", "att_values", "att_keys")
+DECODER_INPUTS = ("it", "state_h", "state_c", "mean_feats", "att_values", "att_keys", "att_masks")
 DECODER_OUTPUTS = ("logprobs", "next_state_h", "next_state_c")
 
 MODEL_SUFFIXES = (".json", ".pdmodel")  # PIR (Paddle 3.x), legacy ProgramDesc (Paddle 2.x)
@@ -31,7 +32,11 @@ PARAMS_SUFFIX = ".pdiparams"
 
 
 class EncoderGraph(paddle.nn.Layer):
-    """encode(att_feats, att_masks) -> (mean_feats, p_att_feats)."""
+    """encode(att_feats, att_masks) -> (mean_feats, p_att_feats, att_values, att_keys).
+
+    att_values / att_keys [B, heads, N, d_k] are p_att_feats split into the decoder attention's heads
+    (``split_memory``), done once per image here rather than at every decoder step.
+    """
 
     def __init__(self, model: AoAModel):
         super().__init__()
@@ -39,19 +44,22 @@ class EncoderGraph(paddle.nn.Layer):
 
     def forward(self, att_feats, att_masks):
         mean_feats, p_att_feats = self.model.encode(att_feats, att_masks)
-        return mean_feats, p_att_feats
+        values, keys = self.model.core.split_memory(p_att_feats)
+        return mean_feats, p_att_feats, values, keys
 
 
 class DecoderGraph(paddle.nn.Layer):
-    """step(it, (state_h, state_c), mean_feats, p_att_feats, att_masks) -> (logprobs, next_h, next_c)."""
+    """One decoder step, ``_step(it, (state_h, state_c), mean_feats, (att_values, att_keys), mask_bias)`` ->
+    (logprobs, next_h, next_c). The rows are image-major; att_values, att_keys and att_masks have a row per
+    image (or per row), see DecoderAttention.forward."""
 
     def __init__(self, model: AoAModel):
         super().__init__()
         self.model = model
 
-    def forward(self, it, state_h, state_c, mean_feats, p_att_feats, att_masks):
-        logprobs, (next_h, next_c) = self.model.step(
-            it, (state_h, state_c), mean_feats, p_att_feats, att_masks
+    def forward(self, it, state_h, state_c, mean_feats, att_values, att_keys, att_masks):
+        logprobs, (next_h, next_c) = self.model._step(
+            it, (state_h, state_c), mean_feats, (att_values, att_keys), mask_to_bias(att_masks)
         )
         return logprobs, next_h, next_c
 
@@ -65,13 +73,14 @@ def encoder_spec(model: AoAModel) -> list[InputSpec]:
 
 
 def decoder_spec(model: AoAModel) -> list[InputSpec]:
-    r = model.options.rnn_size
+    r, h = model.options.rnn_size, model.options.num_heads
     return [
         InputSpec([None], "int64", "it"),
         InputSpec([2, None, r], "float32", "state_h"),
         InputSpec([2, None, r], "float32", "state_c"),
         InputSpec([None, r], "float32", "mean_feats"),
-        InputSpec([None, None, 2 * r], "float32", "p_att_feats"),
+        InputSpec([None, h, None, r // h], "float32", "att_values"),
+        InputSpec([None, h, None, r // h], "float32", "att_keys"),
         InputSpec([None, None], "float32", "att_masks"),
     ]
 

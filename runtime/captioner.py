@@ -31,12 +31,15 @@ __all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "load_mani
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSIONS = (1,)
+FORMAT_VERSIONS = (2,)  # 2: the decoder takes keys/values in head layout, a row per image
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
 # The graphs of each precision; the int8 ones are optional in an export (aoanet-export --int8).
 MODEL_FILES = {"fp32": (ENCODER, DECODER), "int8": ("encoder.int8.onnx", "decoder.int8.onnx")}
 PRECISIONS = tuple(MODEL_FILES)
-ENCODER_OUTPUTS = ["mean_feats", "p_att_feats"]
+# The encoder's outputs the decoder needs: keys/values already in the decoder attention's head layout
+# [B, heads, N, d_k] (the encoder also outputs p_att_feats [B, N, 2R], the model's own form).
+ENCODER_OUTPUTS = ["mean_feats", "att_values", "att_keys"]
+MEMORY = ("att_values", "att_keys", "att_masks")  # a row per image, shared by the image's beams
 DECODER_OUTPUTS = ["logprobs", "next_state_h", "next_state_c"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -177,7 +180,9 @@ class Captioner:
         self.unk_id = int(manifest["unk_id"])
         self.ix_to_word = {str(k): w for k, w in manifest["ix_to_word"].items()}
         self._bad_ending_ids = bad_ending_ids(self.ix_to_word)
-        self.memory_per_image = manifest.get("decoder_memory") == "per_image"
+        # The decoder reads each image's memory once for its beams; False feeds it repeated per row (the same
+        # graph accepts both; kept for the test that they agree).
+        self.memory_per_image = True
         self.export_dir: Path | None = None
         self.precision = "fp32"
 
@@ -289,65 +294,54 @@ class Captioner:
         return len(images), batches
 
     # -------------------------------------------------------------------------------------- graphs
-    def encode(self, att_feats: np.ndarray, att_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, N, F], [B, N] -> (mean_feats [B, R], p_att_feats [B, N, 2R])."""
-        mean_feats, p_att_feats = self.encoder.run(
-            ENCODER_OUTPUTS,
-            {
-                "att_feats": np.ascontiguousarray(att_feats, np.float32),
-                "att_masks": np.ascontiguousarray(att_masks, np.float32),
-            },
+    def encode(self, att_feats: np.ndarray, att_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[B, N, F], [B, N] -> (mean_feats [B, R], att_values, att_keys [B, heads, N, d_k])."""
+        return tuple(
+            self.encoder.run(
+                ENCODER_OUTPUTS,
+                {
+                    "att_feats": np.ascontiguousarray(att_feats, np.float32),
+                    "att_masks": np.ascontiguousarray(att_masks, np.float32),
+                },
+            )
         )
-        return mean_feats, p_att_feats
 
-    def _run_decoder(self, it, h, c, mean_feats, p_att_feats, att_masks) -> list[np.ndarray]:
-        return self.decoder.run(
-            DECODER_OUTPUTS,
-            {
-                "it": it,
-                "state_h": h,
-                "state_c": c,
-                "mean_feats": mean_feats,
-                "p_att_feats": p_att_feats,
-                "att_masks": att_masks,
-            },
-        )
+    def _run_decoder(self, it, h, c, mean_feats, memory: dict) -> list[np.ndarray]:
+        feeds = {"it": it, "state_h": h, "state_c": c, "mean_feats": mean_feats}
+        return self.decoder.run(DECODER_OUTPUTS, {**feeds, **{name: memory[name] for name in MEMORY}})
 
     def _step(self, it: np.ndarray, ctx: dict) -> tuple[np.ndarray, dict]:
         first = ctx.get("bos")
         if first is not None:
             # The BOS step of a beam search: the K beams of an image have the same input, state and encoder
             # rows, so one row per image is run and repeated (the search only reads beam 0's row anyway).
-            k, (mean_feats, p_att_feats, att_masks) = first
+            k, mean_feats, memory = first
             zeros = np.zeros((2, mean_feats.shape[0], self.rnn_size), dtype=np.float32)
-            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, p_att_feats, att_masks)
+            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, memory)
             ctx = {name: v for name, v in ctx.items() if name != "bos"}
             return np.repeat(logprobs, k, axis=0), {
                 **ctx,
                 "h": np.repeat(h, k, axis=1),
                 "c": np.repeat(c, k, axis=1),
             }
-        logprobs, h, c = self._run_decoder(
-            it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx["p_att_feats"], ctx["att_masks"]
-        )
+        logprobs, h, c = self._run_decoder(it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx)
         return logprobs, {**ctx, "h": h, "c": c}
 
     @staticmethod
     def _reorder(ctx: dict, index: np.ndarray) -> dict:
-        # Only the state moves: beams are reordered inside their image's block, whose encoder rows are equal.
+        # Only the state moves: beams are reordered inside their image's block, whose memory is shared.
         return {**ctx, "h": ctx["h"][:, index], "c": ctx["c"][:, index]}
 
     @staticmethod
     def _keep(ctx: dict, index: np.ndarray) -> dict:
-        # The search keeps whole images (k consecutive rows each); per-image memory keeps their rows.
+        # The search keeps whole images (k consecutive rows each); the memory keeps those images' rows.
         k = ctx["rows_per_memory"]
-        memory = index[::k] // k
+        images = index[::k] // k
         return {
             "h": ctx["h"][:, index],
             "c": ctx["c"][:, index],
             "mean_feats": ctx["mean_feats"][index],
-            "p_att_feats": ctx["p_att_feats"][memory],
-            "att_masks": ctx["att_masks"][memory],
+            **{name: ctx[name][images] for name in MEMORY},
             "rows_per_memory": k,
         }
 
@@ -369,18 +363,17 @@ class Captioner:
         if att_masks is None:
             att_masks = np.ones(att_feats.shape[:2], dtype=np.float32)
         att_masks = np.ascontiguousarray(att_masks, dtype=np.float32)
-        mean_feats, p_att_feats = self.encode(att_feats, att_masks)
+        mean_feats, values, keys = self.encode(att_feats, att_masks)
+        memory = {"att_values": values, "att_keys": keys, "att_masks": att_masks}
         k = 1 if (beam_size == 1 and greedy_unk) else int(beam_size)
-        ctx = {"mean_feats": mean_feats, "p_att_feats": p_att_feats, "att_masks": att_masks, "rows_per_memory": 1}
+        ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1}
         if k > 1:
-            # The beams of an image share its memory when the decoder takes it per image (the exports since
-            # manifest field decoder_memory); older exports get it repeated per row.
             ctx["mean_feats"] = np.repeat(mean_feats, k, axis=0)
-            if not self.memory_per_image:
-                ctx["p_att_feats"], ctx["att_masks"] = np.repeat(p_att_feats, k, axis=0), np.repeat(att_masks, k, 0)
-            else:
+            if self.memory_per_image:
                 ctx["rows_per_memory"] = k
-            ctx["bos"] = (k, (mean_feats, p_att_feats, att_masks))
+            else:
+                ctx.update({name: np.repeat(x, k, axis=0) for name, x in memory.items()})
+            ctx["bos"] = (k, mean_feats, memory)
         ctx["h"] = ctx["c"] = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
         if beam_size == 1 and greedy_unk:
             greedy_options = {n: v for n, v in options.items() if n in ("block_trigrams", "bad_ending_ids")}

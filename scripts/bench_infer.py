@@ -80,16 +80,17 @@ def new_stats() -> dict:
 
 
 class StaticSession:
-    """paddle.inference predictor behind onnxruntime's ``run(output_names, feeds)``: the outputs come back in
-    the contract's order, which is the order the captioner asks for."""
+    """paddle.inference predictor behind onnxruntime's ``run(output_names, feeds)`` (the predictor returns
+    every output, in the contract's order ``names``)."""
 
-    def __init__(self, files, threads: int):
+    def __init__(self, files, threads: int, names):
         from export.static import StaticPredictor
 
-        self.predictor = StaticPredictor(files, threads)
+        self.predictor, self.names = StaticPredictor(files, threads), list(names)
 
     def run(self, outputs, feeds):
-        return self.predictor(feeds)
+        results = self.predictor(feeds)
+        return [results[self.names.index(name)] for name in outputs]
 
 
 def cpu_name() -> str:
@@ -143,9 +144,9 @@ def matmul_rates(threads: int, repeats: int = 10) -> dict:
     return out
 
 
-def decoder_step_cost(session, rows: int, beams: int, r: int, repeats: int) -> dict:
+def decoder_step_cost(session, rows: int, beams: int, r: int, heads: int, repeats: int) -> dict:
     """One decoder run over ``rows`` beams (``beams`` per image) with 36 regions and with 1: the difference is
-    what the graph spends on p_att_feats each step (splitting heads, attention), the matmuls being equal."""
+    what the graph spends on the memory each step (attention over the regions), the matmuls being equal."""
     rng = np.random.default_rng(1)
     images = rows // beams
     out = {"rows": rows, "images": images}
@@ -155,7 +156,8 @@ def decoder_step_cost(session, rows: int, beams: int, r: int, repeats: int) -> d
             "state_h": rng.standard_normal((2, rows, r)).astype(np.float32),
             "state_c": rng.standard_normal((2, rows, r)).astype(np.float32),
             "mean_feats": rng.standard_normal((rows, r)).astype(np.float32),
-            "p_att_feats": rng.standard_normal((images, n, 2 * r)).astype(np.float32),
+            "att_values": rng.standard_normal((images, heads, n, r // heads)).astype(np.float32),
+            "att_keys": rng.standard_normal((images, heads, n, r // heads)).astype(np.float32),
             "att_masks": np.ones((images, n), np.float32),
         }
         session.run(None, feeds)
@@ -276,7 +278,7 @@ def main() -> int:
         Captioner.from_dir(export_dir, threads=args.threads, precision="int8")
     )
     print(f"onnxruntime int8 batched: {results['onnxruntime_int8_batched']}", flush=True)
-    step_cost = decoder_step_cost(captioner.decoder.session, bs * k, k, o["rnn_size"], args.repeats)
+    step_cost = decoder_step_cost(captioner.decoder.session, bs * k, k, o["rnn_size"], o["num_heads"], args.repeats)
     print(f"decoder run over {bs * k} rows: {step_cost}", flush=True)
 
     # 4. onnxruntime one image at a time
@@ -288,7 +290,7 @@ def main() -> int:
     # 5. Paddle static graph (paddle.inference) through the same captioner code
     import paddle
 
-    from export.static import StaticFiles
+    from export.static import DECODER_OUTPUTS, ENCODER_OUTPUTS, StaticFiles
 
     paddle.base.core.set_num_threads(args.threads)
     static_files = {
@@ -296,8 +298,8 @@ def main() -> int:
         for name, entry in manifest["static"].items()
     }
     static = Captioner(
-        StaticSession(static_files["encoder"], args.threads),
-        StaticSession(static_files["decoder"], args.threads),
+        StaticSession(static_files["encoder"], args.threads, ENCODER_OUTPUTS),
+        StaticSession(static_files["decoder"], args.threads, DECODER_OUTPUTS),
         manifest,
     )
     static.caption(feats[:2], beam_size=k, max_length=length)

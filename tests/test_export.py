@@ -72,6 +72,8 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
             [
                 ("mean_feats", "float32", ["batch", R]),
                 ("p_att_feats", "float32", ["batch", "regions", 2 * R]),
+                ("att_values", "float32", ["batch", 4, "regions", R // 4]),
+                ("att_keys", "float32", ["batch", 4, "regions", R // 4]),
             ],
         ),
         "decoder": (
@@ -80,7 +82,8 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
                 ("state_h", "float32", [2, "batch", R]),
                 ("state_c", "float32", [2, "batch", R]),
                 ("mean_feats", "float32", ["batch", R]),
-                ("p_att_feats", "float32", ["images", "regions", 2 * R]),
+                ("att_values", "float32", ["images", 4, "regions", R // 4]),
+                ("att_keys", "float32", ["images", 4, "regions", R // 4]),
                 ("att_masks", "float32", ["images", "regions"]),
             ],
             [
@@ -109,7 +112,7 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
 
     out, manifest = exported
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert manifest["format_version"] == 1 and manifest["model"] == "aoanet"
+    assert manifest["format_version"] == 2 and manifest["model"] == "aoanet"
     assert manifest["ix_to_word"] == json.loads((checkpoint / "model.json").read_text())["ix_to_word"]
     assert manifest["ix_to_word"][str(V)] == "UNK"
     assert (manifest["bos_id"], manifest["eos_id"], manifest["pad_id"], manifest["unk_id"]) == (0, 0, 0, V)
@@ -165,7 +168,7 @@ def test_static_graphs_load_in_paddle_inference(exported):
 
     for name, inputs in (
         ("encoder", ["att_feats", "att_masks"]),
-        ("decoder", ["it", "state_h", "state_c", "mean_feats", "p_att_feats", "att_masks"]),
+        ("decoder", ["it", "state_h", "state_c", "mean_feats", "att_values", "att_keys", "att_masks"]),
     ):
         entry = manifest["static"][name]
         assert entry["format"] == STATIC_FORMAT and entry["model_file"] == f"static/{name}{STATIC_SUFFIX}"
@@ -188,7 +191,7 @@ def test_parity_report_within_tolerance(exported):
     assert any(c["beams"] > 1 and c["ragged"] for c in report["cases"])
     for backend in ("static", "onnx"):
         figures = report["max_abs_diff"][backend]
-        assert set(figures) == {"mean_feats", "p_att_feats", "logprobs", "next_state_h", "next_state_c"}
+        assert set(figures) == set(parity.OUTPUTS) >= {"p_att_feats", "att_values", "att_keys", "logprobs"}
         assert figures["logprobs"] <= 1e-4
         assert max(figures.values()) < 1e-4
         assert report["min_argmax_agreement"][backend] == 1.0
@@ -267,7 +270,7 @@ def test_paddle2onnx_failure_is_an_export_error(tmp_path):
     model_file = tmp_path / f"m{STATIC_SUFFIX}"
     model_file.write_text("{}")
     (tmp_path / "m.pdiparams").write_bytes(b"x")
-    inputs, outputs = contract(V, R, F)["encoder"]
+    inputs, outputs = contract(V, R, F, 4)["encoder"]
     files = StaticFiles(model_file, tmp_path / "m.pdiparams")
     with pytest.raises(ExportError, match=f"paddle2onnx could not convert {model_file.name} at opset 17"):
         convert(files, tmp_path / "m.onnx", 17, inputs, outputs)
@@ -279,7 +282,7 @@ def test_paddle2onnx_1x_refuses_a_pir_graph(tmp_path, monkeypatch):
     import types
 
     monkeypatch.setitem(sys.modules, "paddle2onnx", types.SimpleNamespace(__version__="1.3.1"))
-    inputs, outputs = contract(V, R, F)["encoder"]
+    inputs, outputs = contract(V, R, F, 4)["encoder"]
     files = StaticFiles(tmp_path / "m.json", tmp_path / "m.pdiparams")
     with pytest.raises(ExportError, match=r"paddle2onnx 1\.3\.1 cannot read m\.json.*paddle2onnx==2\.1\.0"):
         convert(files, tmp_path / "m.onnx", 17, inputs, outputs)

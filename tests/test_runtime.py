@@ -129,9 +129,9 @@ def test_onnx_and_paddle_give_identical_captions(model, captioner, beam_size):
 
 
 def test_memory_per_image_equals_memory_per_row(captioner):
-    """The exported decoder takes each image's memory once for its beams (manifest decoder_memory); fed it once
-    per row instead (exports without the field), the same graph gives the same captions and scores."""
-    assert captioner.manifest["decoder_memory"] == "per_image" and captioner.memory_per_image
+    """The runtime feeds the decoder each image's memory (keys, values, mask) once for its beams; fed it once
+    per row instead, the same graph gives the same captions and scores."""
+    assert captioner.memory_per_image
     per_row = Captioner(captioner.encoder, captioner.decoder, captioner.manifest)
     per_row.memory_per_image = False
     feats, masks = random_batch(3)
@@ -356,10 +356,11 @@ def test_cli_bad_features_fail_without_output(export_dir, data_dir, tmp_path, ca
 def test_cli_refuses_a_bad_export_dir(export_dir, data_dir, tmp_path, capsys):
     bad = _copy_export(export_dir, tmp_path / "bad")
     manifest = json.loads((bad / "manifest.json").read_text())
-    (bad / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))  # an older export
     out = tmp_path / "captions.json"
     code, _, err = run_cli(["--model", str(bad), "--features", str(data_dir), "--out", str(out)], capsys)
-    assert code == 1 and "unknown format_version 2" in err and "manifest.json" in err and not out.exists()
+    assert code == 1 and "unknown format_version 1" in err and "re-export" in err and "manifest.json" in err
+    assert not out.exists()
     (bad / "manifest.json").write_text(json.dumps(manifest))
     (bad / "encoder.onnx").write_bytes((bad / "encoder.onnx").read_bytes() + b"\0")
     code, _, err = run_cli(["--model", str(bad), "--features", str(data_dir), "--out", str(out)], capsys)

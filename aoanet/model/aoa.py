@@ -103,9 +103,9 @@ class AoAModel(nn.Layer):
 
         mean_feats has a row per decoder row. p_att_feats and att_masks have one too, or one row per image when
         the decoder rows are image-major with the same number per image (beam search: the beams of an image
-        share its memory). The exported decoder is this method; loops over many steps use ``_step`` with
-        keys/values split into heads once."""
-        return self._step(it, state, mean_feats, p_att_feats, mask_to_bias(att_masks))
+        share its memory). Loops over many steps (and the exported decoder) use ``_step``, with keys/values split
+        into heads once."""
+        return self._step(it, state, mean_feats, self.core.split_memory(p_att_feats), mask_to_bias(att_masks))
 
     def _step(self, it, state, mean_feats, memory, mask_bias):
         # The loops below split keys/values and build the mask bias once per sequence, not once per step:

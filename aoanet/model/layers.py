@@ -204,22 +204,13 @@ class DecoderAttention(nn.Layer):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h, value_heads, key_heads, mask_bias):
-        # h [B, R]; value_heads/key_heads [B, h, N, d_k] (split once per sequence, not per step)
-        q = _split_heads(self.linears[0](self.norm(h)).unsqueeze(1), self.num_heads)
-        return _merge_heads(attend(q, key_heads, value_heads, mask_bias, self.dropout)).squeeze(1)
-
-    def forward_grouped(self, h, p_att_feats, mask_bias):
-        """The same attention for image-major decoder rows h [I*k, R] over per-image memory p_att_feats
-        [I, N, 2R] (values | keys) with mask_bias [I, 1, 1, N]; k = 1 is the per-row case.
-
-        This is the exported step's form: the k beams of an image share its keys/values, so a step reads each
-        image's memory once, as [k, d_k] x [d_k, N] products per head, instead of k expanded copies of it.
-        """
-        i, r = p_att_feats.shape[0], self.norm.a_2.shape[0]
-        heads, d_k = self.num_heads, r // self.num_heads
-        q = self.linears[0](self.norm(h)).reshape([i, -1, heads, d_k]).transpose([0, 2, 1, 3])  # [I, h, k, d_k]
-        memory = p_att_feats.reshape([0, 0, 2 * heads, d_k]).transpose([0, 2, 1, 3])  # [I, 2h: values|keys, N, d_k]
-        out = attend(q, memory[:, heads:], memory[:, :heads], mask_bias, self.dropout)  # [I, h, k, d_k]
+        """h [I*k, R]: decoder rows, image-major, k per image; value_heads/key_heads [I, h, N, d_k] (split once
+        per sequence, not per step); mask_bias [I, 1, 1, N]. k = 1 in the training loops; in beam search the k
+        beams of an image share its keys/values, so a step reads each image's memory once, as [k, d_k] x
+        [d_k, N] products per head, instead of k expanded copies of it."""
+        i, r = value_heads.shape[0], h.shape[-1]
+        q = self.linears[0](self.norm(h)).reshape([i, -1, self.num_heads, r // self.num_heads])
+        out = attend(q.transpose([0, 2, 1, 3]), key_heads, value_heads, mask_bias, self.dropout)  # [I, h, k, d_k]
         # flatten, not reshape([-1, R]): paddle.inference 3.3 rejects that reshape (a PIR pass mistypes it)
         return out.transpose([0, 2, 1, 3]).flatten(2).flatten(0, 1)  # [I*k, R]
 
@@ -252,14 +243,11 @@ class AoADecoderCore(nn.Layer):
         return _split_heads(p_att_feats[:, :, :r], h), _split_heads(p_att_feats[:, :, r:], h)
 
     def forward(self, xt, mean_feats, memory, mask_bias, state_h, state_c):
-        """memory: split_memory(p_att_feats), computed once per sequence; or p_att_feats itself, one row per
-        image (the exported step's form, see DecoderAttention.forward_grouped). mask_bias from mask_to_bias."""
+        """memory = split_memory(p_att_feats), computed once per sequence, a row per image or per decoder row
+        (see DecoderAttention.forward); mask_bias = mask_to_bias(att_masks), likewise."""
         lstm_in = paddle.concat([xt, mean_feats + self.ctx_drop(state_h[1])], axis=1)
         h_att, c_att = self.att_lstm(lstm_in, (state_h[0], state_c[0]))[1]
-        if isinstance(memory, (tuple, list)):
-            att = self.attention(h_att, memory[0], memory[1], mask_bias)
-        else:
-            att = self.attention.forward_grouped(h_att, memory, mask_bias)
+        att = self.attention(h_att, memory[0], memory[1], mask_bias)
         ctx = self.att2ctx(paddle.concat([att, h_att], axis=1))
         next_h = paddle.stack([h_att, ctx])
         next_c = paddle.stack([c_att, state_c[1]])
