@@ -212,13 +212,19 @@ class AoAModel(nn.Layer):
         if att_masks is None:
             att_masks = paddle.ones(p_att_feats.shape[:2], dtype=p_att_feats.dtype)
         k = 1 if (beam_size == 1 and greedy_unk) else beam_size
-        mean_feats, p_att_feats, att_masks = self.expand(k, mean_feats, p_att_feats, att_masks)
         h, c = self.init_state(batch * k, mean_feats.dtype)
-        # Keys/values in head layout and the mask bias are made once, not at every step (as in forward/sample).
+        # Keys/values in head layout and the mask bias are made once, a row per image shared by its k beams
+        # (as the exported decoder takes them); the rows are image-major.
         values, keys = self.core.split_memory(p_att_feats)
-        ctx = {"h": h, "c": c, "mean_feats": mean_feats, "values": values, "keys": keys,
-               "mask_bias": mask_to_bias(att_masks)}
-        per_row = ("mean_feats", "values", "keys", "mask_bias")
+        ctx = {
+            "h": h,
+            "c": c,
+            "mean_feats": self.expand(k, mean_feats)[0],
+            "values": values,
+            "keys": keys,
+            "mask_bias": mask_to_bias(att_masks),
+        }
+        per_image = ("values", "keys", "mask_bias")
 
         def step(it, ctx):
             logprobs, (h, c) = self._step(
@@ -232,15 +238,18 @@ class AoAModel(nn.Layer):
 
         def reorder(ctx, index):
             index = paddle.to_tensor(index, dtype="int64")
-            return dict(
-                ctx, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1)
-            )
+            return dict(ctx, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1))
 
         def keep(ctx, index):
+            # whole images are kept (k consecutive rows each)
+            images = paddle.to_tensor(index[::k] // k, dtype="int64")
             index = paddle.to_tensor(index, dtype="int64")
-            out = {name: paddle.gather(ctx[name], index, axis=0) for name in per_row}
+            out = {name: paddle.gather(ctx[name], images, axis=0) for name in per_image}
             return dict(
-                out, h=paddle.gather(ctx["h"], index, axis=1), c=paddle.gather(ctx["c"], index, axis=1)
+                out,
+                mean_feats=paddle.gather(ctx["mean_feats"], index, axis=0),
+                h=paddle.gather(ctx["h"], index, axis=1),
+                c=paddle.gather(ctx["c"], index, axis=1),
             )
 
         if k == 1 and greedy_unk:
