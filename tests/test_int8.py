@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_runtime import BLOCKER, ROOT, F, R, V, make_checkpoint, random_batch, run_cli
+from test_runtime import F, R, V, make_checkpoint, random_batch, run_cli, run_without_paddle
 from typer.testing import CliRunner
 
 from export import ExportError, export_checkpoint, quantize
@@ -260,20 +258,13 @@ def test_runtime_int8_errors(export_dir, tmp_path):
 
 
 def test_runtime_int8_works_where_paddle_cannot_be_imported(export_dir):
-    code = (
-        BLOCKER
-        + f"""
-import json, numpy as np
+    code = f"""
+import numpy as np
 from runtime import Captioner
 c = Captioner.from_dir({str(export_dir)!r}, precision="int8")
 r = c.caption([np.ones((k, {F}), np.float32) for k in (3, 1)], beam_size=2)
-loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'aoanet', 'export'))
-print(json.dumps({{'captions': r.captions, 'loaded': loaded}}))
 """
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_without_paddle(code)
     assert report["loaded"] == [] and len(report["captions"]) == 2
 
 

@@ -230,11 +230,24 @@ except ImportError:
 """
 
 
+def run_without_paddle(code: str) -> dict:
+    """Run ``code`` (which leaves its captions in ``r``) in a fresh interpreter where importing paddle fails;
+    returns its captions and the paddle/aoanet/export modules it loaded."""
+    report = """
+import json
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'aoanet', 'export'))
+print(json.dumps({'captions': r.captions, 'loaded': loaded}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKER + code + report], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_runtime_works_where_paddle_cannot_be_imported(export_dir, data_dir, tmp_path):
     out = tmp_path / "captions.json"
-    code = (
-        BLOCKER
-        + f"""
+    code = f"""
 import json, numpy as np
 from runtime import Captioner
 from runtime.cli import main
@@ -247,13 +260,8 @@ try:
           '--no-progress'])
 except SystemExit as e:
     assert not e.code, e.code
-loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'aoanet', 'export'))
-print(json.dumps({{'captions': r.captions, 'loaded': loaded}}))
 """
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_without_paddle(code)
     assert report["loaded"] == [] and len(report["captions"]) == 3
     assert len(json.loads(out.read_text())) == 10  # the test split
 
