@@ -2,9 +2,10 @@
 
 The encoder runs once per batch of images; the decoder runs once per step over every live beam of the whole
 batch, driven by the shared numpy search (``runtime.beam``) exactly as ``AoAModel.decode`` drives the Paddle
-model: rows image-major (row ``b * K + k`` is beam ``k`` of image ``b``), encoder outputs repeated K times,
-zero state, BOS (0) first; ``beam_size == 1`` with ``greedy_unk`` is greedy decoding. Same inputs and weights,
-same captions, whichever backend.
+model: rows image-major (row ``b * K + k`` is beam ``k`` of image ``b``), mean_feats repeated K times, the
+memory (keys and values in head layout, mask) once per image for its K beams, zero state, BOS (0) first;
+``beam_size == 1`` with ``greedy_unk`` is greedy decoding. Same inputs and weights, same captions, whichever
+backend.
 
 Imports numpy and onnxruntime only (never paddle, never the training package).
 """
