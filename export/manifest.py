@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 from pathlib import Path
 
 from aoanet.model import AoAModel
@@ -127,24 +126,15 @@ def build(
     return manifest
 
 
-def load(export_dir: Path) -> dict:
-    path = Path(export_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{export_dir} is not an export directory: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(
-            f"{path}: unknown format_version {manifest.get('format_version')!r} (expected {FORMAT_VERSION})"
-        )
-    return manifest
-
-
 def verify(export_dir: Path) -> dict:
-    """Load the manifest and check the hash of every file it lists; returns the manifest."""
-    manifest = load(export_dir)
+    """Load the manifest as the runtime does and check the hash of every file it lists (the runtime checks only
+    the graphs it loads); returns the manifest."""
+    from runtime.captioner import ExportDirError, load_manifest
+
+    try:
+        manifest = load_manifest(export_dir)
+    except ExportDirError as e:
+        raise ExportError(str(e)) from None
     for name, entry in manifest.get("files", {}).items():
         path = Path(export_dir) / name
         if not path.is_file():
