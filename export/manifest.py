@@ -9,14 +9,14 @@ from pathlib import Path
 
 from aoanet.model import AoAModel
 from export.errors import ExportError
+from runtime.captioner import MANIFEST, MODEL_FILES
 
 # 2: the encoder also outputs att_values/att_keys (head layout), which the decoder takes instead of p_att_feats,
 # a row per image (1: p_att_feats, a row per decoder row).
 FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-ONNX_FILES = ("encoder.onnx", "decoder.onnx")
-# Optional (aoanet-export --int8); the format version stays 1: a manifest without them is still complete.
-INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
+# The file names are the runtime's (the reader): the fp32 graphs, and the optional int8 ones (aoanet-export --int8;
+# a manifest without them is still complete).
+FILES = {precision: dict(zip(("encoder", "decoder"), names, strict=True)) for precision, names in MODEL_FILES.items()}
 
 # The authors' evaluation settings (aoanet-reference.md §4.2): beam 2, 20 steps, raw log-prob sums,
 # UNK suppressed.
@@ -76,7 +76,7 @@ def build(
     export_dir = Path(export_dir)
     v = model.vocab_size
     o = model.options
-    names = list(ONNX_FILES) + (list(INT8_FILES.values()) if int8 is not None else [])
+    names = list(FILES["fp32"].values()) + (list(FILES["int8"].values()) if int8 is not None else [])
     files = {}
     for name in names:
         path = export_dir / name

@@ -87,7 +87,7 @@ def export_checkpoint(
         graphs, onnx_files = {}, {}
         for name, (inputs, outputs) in specs.items():
             log.info("converting the %s to ONNX (opset %d)", name, opset)
-            onnx_files[name] = tmp / f"{name}.onnx"
+            onnx_files[name] = tmp / manifest_mod.FILES["fp32"][name]
             graphs[name] = convert(static[name], onnx_files[name], opset, inputs, outputs)
 
         log.info("checking parity: dynamic graph vs paddle.inference vs onnxruntime")
@@ -128,7 +128,7 @@ def _quantize(onnx_files: dict, tmp: Path, att_feat_size: int) -> dict:
     """Write the int8 graphs next to the fp32 ones; the manifest's ``int8`` section."""
     int8_files, graphs = {}, {}
     for name, path in onnx_files.items():
-        int8_files[name] = tmp / manifest_mod.INT8_FILES[name]
+        int8_files[name] = tmp / manifest_mod.FILES["int8"][name]
         log.info("quantizing the %s to int8", name)
         graphs[name] = quantize.quantize_file(path, int8_files[name])
     log.info("measuring the int8 graphs against the fp32 graphs on the parity inputs")
