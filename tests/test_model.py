@@ -144,6 +144,34 @@ def test_encoder_and_steps_match_float64_numpy():
         assert rel_err(state[1].numpy(), c) <= 1e-5
 
 
+
+def test_folded_step_matches_float64_numpy():
+    """The exported decoder's step (embedding folded into the LSTM's input weights) against the same float64
+    reference as the model's own step, chained, with UNK and BOS among the tokens."""
+    from aoanet.model import FoldedStep
+    from aoanet.model.layers import mask_to_bias
+
+    model = small_model()
+    P = params64(model)
+    folded = FoldedStep(model)
+    feats, mask = ragged_inputs([5, 9, 1], SMALL["att_feat_size"])
+    mean, p_att = model.encode(paddle.to_tensor(feats), paddle.to_tensor(mask))
+    ref_mean, ref_p = np_encode(P, feats.astype(np.float64), mask.astype(np.float64), 3, 8)
+    memory, bias = model.core.split_memory(p_att), mask_to_bias(paddle.to_tensor(mask))
+    r = SMALL["rnn_size"]
+    h, c = np.zeros((2, 3, r)), np.zeros((2, 3, r))
+    state = model.init_state(3)
+    for it in (np.zeros(3, "int64"), np.array([3, 7, V], "int64"), np.array([1, 0, 12], "int64")):
+        logprobs, state = folded(paddle.to_tensor(it), state, mean, memory, bias)
+        ref_lp, h, c = np_step(P, it, h, c, ref_mean, ref_p, mask.astype(np.float64), 8)
+        assert rel_err(logprobs.numpy(), ref_lp) <= 1e-5
+        assert rel_err(state[0].numpy(), h) <= 1e-5
+        assert rel_err(state[1].numpy(), c) <= 1e-5
+    # its table is a snapshot of weights that only hold in eval mode (no embedding dropout)
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        FoldedStep(model)
+
 def test_teacher_forcing_equals_chained_steps():
     model = small_model(seed=3)
     P = params64(model)

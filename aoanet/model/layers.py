@@ -247,6 +247,10 @@ class AoADecoderCore(nn.Layer):
         (see DecoderAttention.forward); mask_bias = mask_to_bias(att_masks), likewise."""
         lstm_in = paddle.concat([xt, mean_feats + self.ctx_drop(state_h[1])], axis=1)
         h_att, c_att = self.att_lstm(lstm_in, (state_h[0], state_c[0]))[1]
+        return self.after_lstm(h_att, c_att, memory, mask_bias, state_c)
+
+    def after_lstm(self, h_att, c_att, memory, mask_bias, state_c):
+        """The step from the attention LSTM's new (h, c) on: attention, AoA -> (output, next_h, next_c)."""
         att = self.attention(h_att, memory[0], memory[1], mask_bias)
         ctx = self.att2ctx(paddle.concat([att, h_att], axis=1))
         next_h = paddle.stack([h_att, ctx])
