@@ -45,12 +45,17 @@ def export_checkpoint(
     *,
     tolerance: float | None = None,
     int8: bool = False,
+    fold_embedding: bool = True,
 ) -> dict:
     """Export a checkpoint directory to ``out_dir``; returns the manifest (also written as manifest.json).
 
     ``int8``: also write ``encoder.int8.onnx`` and ``decoder.int8.onnx`` (dynamic quantization of the parity-checked
     fp32 graphs, ``export.quantize``), listed in the manifest's ``files`` with the others and measured against the
     fp32 graphs in its ``int8`` section.
+
+    ``fold_embedding`` (default): the decoder looks up each word's share of the LSTM gates in a [V+1, 4R] table
+    instead of multiplying its embedding (``aoanet.model.FoldedStep``): 16% faster steps, a larger decoder file
+    (+100 MB at full size). Recorded in the manifest as ``decoder_step``.
 
     Raises ExportError (ParityError when the graphs do not match the model) with ``out_dir`` untouched.
     """
@@ -81,7 +86,7 @@ def export_checkpoint(
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the export dir should be like any other
     try:
         log.info("tracing the static graphs")
-        static = save_static(model, tmp / "static")
+        static = save_static(model, tmp / "static", fold_embedding)
         o = model.options
         specs = contract(model.vocab_size, o.rnn_size, o.att_feat_size, o.num_heads)
         graphs, onnx_files = {}, {}
@@ -114,6 +119,7 @@ def export_checkpoint(
         manifest = manifest_mod.build(
             tmp, model, ix_to_word, opset, graphs, static, summary(report), source, int8=int8_section
         )
+        manifest["decoder_step"] = "folded_embedding" if fold_embedding else "embedding"
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / manifest_mod.MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         _move_into_place(tmp, out_dir, force)

@@ -59,10 +59,12 @@ class DecoderGraph(paddle.nn.Layer):
 
     def __init__(self, model: AoAModel, fold_embedding: bool = True):
         super().__init__()
-        self.step = FoldedStep(model) if fold_embedding else model._step
+        self.model = model
+        self.folded = FoldedStep(model) if fold_embedding else None
 
     def forward(self, it, state_h, state_c, mean_feats, att_values, att_keys, att_masks):
-        logprobs, (next_h, next_c) = self.step(
+        step = self.model._step if self.folded is None else self.folded
+        logprobs, (next_h, next_c) = step(
             it, (state_h, state_c), mean_feats, (att_values, att_keys), mask_to_bias(att_masks)
         )
         return logprobs, next_h, next_c
@@ -141,8 +143,9 @@ def _to_static(layer: paddle.nn.Layer, spec: list[InputSpec]):
         return paddle.jit.to_static(layer, input_spec=spec)
 
 
-def save_static(model: AoAModel, directory: Path) -> dict[str, StaticFiles]:
-    """Trace ``encode`` and ``step`` of the model (in eval mode) as ``directory/{encoder,decoder}.*``."""
+def save_static(model: AoAModel, directory: Path, fold_embedding: bool = True) -> dict[str, StaticFiles]:
+    """Trace ``encode`` and ``step`` of the model (in eval mode) as ``directory/{encoder,decoder}.*``;
+    ``fold_embedding``: see DecoderGraph."""
     model.eval()
     training = [name for name, layer in model.named_sublayers(include_self=True) if layer.training]
     if training:
@@ -153,7 +156,7 @@ def save_static(model: AoAModel, directory: Path) -> dict[str, StaticFiles]:
     with _shape_checks_untraced(model):
         for name, wrapper, spec in (
             ("encoder", EncoderGraph(model), encoder_spec(model)),
-            ("decoder", DecoderGraph(model), decoder_spec(model)),
+            ("decoder", DecoderGraph(model, fold_embedding), decoder_spec(model)),
         ):
             wrapper.eval()
             prefix = directory / name

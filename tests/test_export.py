@@ -56,6 +56,15 @@ def dims(value) -> list:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
+def weight_shapes(model) -> list[list[int]]:
+    """The shapes of a graph's constant tensors (initializers and Constant nodes)."""
+    shapes = [list(t.dims) for t in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            shapes += [list(a.t.dims) for a in node.attribute if a.name == "value"]
+    return shapes
+
+
 def dtype(value) -> str:
     return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
 
@@ -99,6 +108,8 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
         if name == "decoder":  # x - logsumexp(x) became onnxruntime's much faster LogSoftmax
             ops = [n.op_type for n in model.graph.node]
             assert ops.count("LogSoftmax") == 1 and "ReduceLogSumExp" not in ops
+            # the word embedding is folded into the LSTM: a [V+1, 4R] gate table, no [V+1, E] embedding
+            assert [V + 1, 4 * R] in weight_shapes(model) and [V + 1, E] not in weight_shapes(model)
         assert [(v.name, dtype(v), dims(v)) for v in model.graph.input] == inputs
         assert [(v.name, dtype(v), dims(v)) for v in model.graph.output] == outputs
         assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 17
@@ -123,7 +134,8 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
     decoding = manifest["decoding"]
     assert decoding["beam_size"] == 2 and decoding["max_length"] == 20
     assert decoding["length_penalty"] == "" and decoding["suppress_unk"] is True
-    assert manifest["opset"] == 17
+    assert manifest["opset"] == 17 and manifest["decoder_step"] == "folded_embedding"
+    assert manifest["source_checkpoint"]["which"] == "best"
     assert set(manifest["versions"]) >= {"paddle", "paddle2onnx", "onnx", "onnxruntime"}
     assert manifest["versions"]["paddle2onnx"] == paddle2onnx.__version__ == PADDLE2ONNX_VERSION
     assert manifest["versions"]["paddle"] == paddle.__version__
@@ -352,14 +364,17 @@ def test_cli_replaces_with_force_at_another_opset(checkpoint, tmp_path):
     args = ["--checkpoint", str(checkpoint), "--out", str(out), "--which", "last", "--opset", "13"]
     refused = runner.invoke(app, args)
     assert refused.exit_code == 1 and "already exists" in refused.output
-    result = runner.invoke(app, [*args, "--force"])
+    result = runner.invoke(app, [*args, "--force", "--no-fold-embedding"])
     assert result.exit_code == 0, result.output
     assert "max |diff| of log-probs" in result.output
     assert not (out / "stale.txt").exists()
     manifest = manifest_mod.verify(out)
     assert manifest["opset"] == 13 and manifest["source_checkpoint"]["which"] == "last"
+    assert manifest["decoder_step"] == "embedding" and manifest["parity"]["passed"] is True
     model = onnx.load(str(out / "decoder.onnx"))
     assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 13
+    # the plain step multiplies the embedding [V+1, E]; the folded one looks words up in a [V+1, 4R] gate table
+    assert [V + 1, E] in weight_shapes(model) and [V + 1, 4 * R] not in weight_shapes(model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
