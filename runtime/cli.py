@@ -25,6 +25,7 @@ import typer
 
 from runtime import atomic
 from runtime.beam import length_penalty_fn
+from runtime.captioner import in_streams
 from runtime.features import (
     FeatureError,
     ImageFile,
@@ -54,13 +55,14 @@ class InferError(RuntimeError):
 
 
 class OnnxBackend:
-    def __init__(self, export_dir: Path, threads: int | None, precision: str = "fp32"):
+    def __init__(self, export_dir: Path, threads: int | None, precision: str = "fp32", streams: int = 1):
         from runtime.captioner import Captioner, ExportDirError
 
         try:
-            self.captioner = Captioner.from_dir(export_dir, threads=threads, precision=precision)
+            self.captioner = Captioner.from_dir(export_dir, threads=threads, precision=precision, streams=streams)
         except ExportDirError as e:
             raise InferError(str(e)) from None
+        self.streams = streams
         self.width = self.captioner.att_feat_size
         self.ix_to_word = self.captioner.ix_to_word
         self.decode = self.captioner.decode
@@ -87,6 +89,7 @@ class PaddleBackend:
         except (CheckpointError, ValueError, OSError) as e:
             raise InferError(f"cannot load the checkpoint: {e}") from None
         self.width = self.model.options.att_feat_size
+        self.streams = 1
 
     def decode(self, att_feats, att_masks, beam_size, max_length, **options):
         t = self.paddle.to_tensor
@@ -107,7 +110,8 @@ def caption_images(
     remove_bad_endings: bool = False,
     progress: bool = True,
 ) -> list[dict]:
-    """COCO results for ``images`` (listing order); feature files are read one batch ahead on a thread."""
+    """COCO results for ``images`` (listing order). One stream: feature files are read one batch ahead on a
+    thread; ``backend.streams`` > 1: that many batches are read and decoded at once (runtime.captioner.in_streams)."""
     counts = [region_count(img, backend.width) for img in images]  # fail fast, before any decoding
     plan = batch_plan(counts, batch_size)
     seqs = np.zeros((len(images), max_length), dtype=np.int64)
@@ -115,23 +119,32 @@ def caption_images(
     def load(pos):
         return pad_batch([read_features(images[i], backend.width) for i in pos])
 
+    def load_and_decode(pos):
+        return backend.decode(*load(pos), beam_size, max_length, **options)
+
+    def prefetched():
+        # one stream: decode here while the next batch's files are read on a thread
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, plan[0])
+            for i in range(len(plan)):
+                att_feats, att_masks = pending.result()
+                if i + 1 < len(plan):
+                    pending = pool.submit(load, plan[i + 1])
+                yield backend.decode(att_feats, att_masks, beam_size, max_length, **options)
+
+    results = in_streams(load_and_decode, plan, backend.streams) if backend.streams > 1 else prefetched()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(images), unit="img", desc="captioning", file=sys.stderr)
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load, plan[0])
-            for i, pos in enumerate(plan):
-                att_feats, att_masks = pending.result()
-                if i + 1 < len(plan):
-                    pending = pool.submit(load, plan[i + 1])
-                result = backend.decode(att_feats, att_masks, beam_size, max_length, **options)
-                seqs[pos] = result.seqs
-                if bar is not None:
-                    bar.update(len(pos))
+        for pos, result in zip(plan, results, strict=True):
+            seqs[pos] = result.seqs
+            if bar is not None:
+                bar.update(len(pos))
     finally:
+        results.close()
         if bar is not None:
             bar.close()
     captions = decode_sequence(backend.ix_to_word, seqs, remove_bad_endings=remove_bad_endings)
@@ -161,7 +174,12 @@ def infer(
     block_trigrams: bool = typer.Option(False, "--block-trigrams"),
     remove_bad_endings: bool = typer.Option(False, "--remove-bad-endings"),
     num_images: int = typer.Option(-1, "--num-images", help="caption only the first N images (-1: all)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="compute threads (default: all CPUs)"),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="compute threads per session (default: all CPUs / --streams)"
+    ),
+    streams: int = typer.Option(
+        1, "--streams", min=1, help="batches decoded at once, each on its own thread (--backend onnx)"
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Caption the images of a split; prints the throughput (images/s) at the end."""
@@ -173,6 +191,8 @@ def infer(
                 f"--precision {precision.value} is for --backend onnx (the quantized graphs of an export dir); "
                 "--backend paddle runs the checkpoint in fp32"
             )
+        if backend is Backend.paddle and streams != 1:
+            raise InferError("--streams is for --backend onnx; --backend paddle decodes one batch at a time")
         length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
         images = list_images(features, split, input_json=input_json, att_dir=att_dir)
         if num_images >= 0:
@@ -182,7 +202,7 @@ def infer(
         if backend is Backend.onnx:
             if model is None:
                 raise InferError("--backend onnx needs --model EXPORT_DIR")
-            engine = OnnxBackend(model, threads, precision.value)
+            engine = OnnxBackend(model, threads, precision.value, streams)
         else:
             if checkpoint is None:
                 raise InferError("--backend paddle needs --checkpoint CHECKPOINT_DIR")

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from aoanet.train.checkpoint import atomic_paddle_save, load_model, write_model_
 from export import export_checkpoint
 from runtime import Captioner, ExportDirError, FeatureError
 from runtime import cli as infer_cli
+from runtime.captioner import default_threads, in_streams
 from runtime.features import ImageFile, batch_plan, list_images, pad_batch, read_features, region_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +165,42 @@ def test_caption_matches_decode_and_keeps_input_order(captioner):
     np.testing.assert_allclose(listed.scores, direct.scores, atol=1e-4)
 
 
+def test_streams_decode_batches_concurrently_with_the_same_results(export_dir, captioner):
+    feats, masks = random_batch(3)
+    ragged = [f[: int(m.sum())] for f, m in zip(feats, masks, strict=True)]
+    alone = captioner.caption(ragged, beam_size=2, batch_size=5)
+    sizes = []
+    streamed = Captioner.from_dir(export_dir, streams=3)
+    assert streamed.streams == 3
+    assert streamed.decoder.get_session_options().intra_op_num_threads == max(1, default_threads() // 3)
+    together = streamed.caption(ragged, beam_size=2, batch_size=5, on_batch=sizes.append)
+    assert together.captions == alone.captions
+    np.testing.assert_array_equal(together.seqs, alone.seqs)
+    np.testing.assert_allclose(together.scores, alone.scores, atol=1e-5)
+    assert sum(sizes) == B and len(sizes) == len(batch_plan([len(f) for f in ragged], 5)) > 3
+    with pytest.raises(ValueError, match="streams"):
+        Captioner.from_dir(export_dir, streams=0)
+
+
+def test_in_streams_keeps_order_and_raises_the_first_error():
+    started = []
+
+    def work(i):
+        started.append(i)
+        if i == 4:
+            raise FeatureError("image 4 is broken")
+        time.sleep(0.01)
+        return i * i
+
+    for streams in (1, 3):
+        assert list(in_streams(lambda i: i * i, list(range(9)), streams)) == [i * i for i in range(9)]
+    started.clear()
+    results = in_streams(work, list(range(200)), 2)
+    with pytest.raises(FeatureError, match="image 4"):
+        list(results)
+    assert 4 in started and len(started) < 50  # the calls not yet started were cancelled
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_are_refused_clearly(captioner):
     feats, masks = random_batch(0, batch=2, regions=3)
@@ -292,6 +330,13 @@ def test_cli_backends_write_identical_results(export_dir, checkpoint, data_dir, 
         assert "images/s" in stdout
         results[backend] = out.read_text()
     assert results["onnx"] == results["paddle"]
+    out = tmp_path / "streams.json"
+    args = ["--features", str(data_dir), "--out", str(out), "--batch-size", "4", "--streams", "2"]
+    code, _, err = run_cli(["--model", str(export_dir), *args], capsys)
+    assert code == 0, err
+    assert out.read_text() == results["onnx"]
+    code, _, err = run_cli(["--backend", "paddle", "--checkpoint", str(checkpoint), *args], capsys)
+    assert code == 1 and "--streams is for --backend onnx" in err
     captions = json.loads(results["onnx"])
     test_ids = [500 + 7 * i for i in range(30) if i % 3 == 2]
     assert [c["image_id"] for c in captions] == test_ids  # the split, in cocotalk.json's order
