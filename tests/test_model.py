@@ -144,7 +144,6 @@ def test_encoder_and_steps_match_float64_numpy():
         assert rel_err(state[1].numpy(), c) <= 1e-5
 
 
-
 def test_folded_step_matches_float64_numpy():
     """The exported decoder's step (embedding folded into the LSTM's input weights) against the same float64
     reference as the model's own step, chained, with UNK and BOS among the tokens."""
@@ -171,6 +170,7 @@ def test_folded_step_matches_float64_numpy():
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
         FoldedStep(model)
+
 
 def test_teacher_forcing_equals_chained_steps():
     model = small_model(seed=3)
