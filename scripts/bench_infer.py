@@ -5,6 +5,7 @@ Random weights (``build_model(9487)``: R = 1024, 6 refiner layers), 36 regions o
 
 * onnxruntime, batched (``Captioner.caption``, ``--batch-size`` images per encoder run and beam batch), fp32
   and int8 (``aoanet-export --int8``; lossy, so also the fraction of captions equal to fp32's);
+* onnxruntime with several batches decoded at once (``Captioner.from_dir(streams=...)``), fp32 and int8;
 * onnxruntime, one image at a time;
 * Paddle's dynamic graph (``AoAModel.decode``, batched), and one image at a time (the reference code's way);
 * Paddle's static graph (``paddle.inference`` on the export's ``static/``), driving the same beam search;
@@ -47,9 +48,10 @@ def encoder_flops(o, n_images: int, regions: int) -> float:
 
 
 def decoder_flops(o, row_steps: int, regions: int, vocab1: int) -> float:
-    """Matmul FLOPs of ``row_steps`` decoder row-steps (LSTM, query, attention, att2ctx, logit)."""
-    r, e, n = o["rnn_size"], o["input_encoding_size"], regions
-    macs = (e + r) * 4 * r + r * 4 * r + r * r + 2 * n * r + (2 * r) * (2 * r) + r * vocab1
+    """Matmul FLOPs of ``row_steps`` steps of the exported decoder (FoldedStep: the LSTM's [m + c; h] product,
+    the word's share being a table lookup; query, attention, att2ctx, logit)."""
+    r, n = o["rnn_size"], regions
+    macs = 2 * r * 4 * r + r * r + 2 * n * r + (2 * r) * (2 * r) + r * vocab1
     return 2.0 * macs * row_steps
 
 
@@ -141,7 +143,31 @@ def matmul_rates(threads: int, repeats: int = 10) -> dict:
         t, _ = best_of(lambda s=session: s.run(None, {"A": a}), repeats)
         out[f"onnxruntime_spin{spin}_gflops"] = flops / t / 1e9
     out["gflops"] = max(out.values())
+    out["int8_gops"] = int8_matmul_rate(model, a, threads, repeats)
     return out
+
+
+def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int) -> float:
+    """GOP/s (2 per multiply-add) of the same product quantized as the --int8 graphs are (quantize_dynamic,
+    per-channel int8 weights, activations quantized at run time): the ceiling for the int8 backend."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from export import quantize
+
+    with tempfile.TemporaryDirectory() as work:
+        src, dst = Path(work) / "matmul.onnx", Path(work) / "matmul.int8.onnx"
+        onnx.save(fp32_model, str(src))
+        quantize.quantize_file(src, dst)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"A": a})
+    t, _ = best_of(lambda: session.run(None, {"A": a}), repeats)
+    return 2.0 * a.shape[0] * a.shape[1] * 4096 / t / 1e9
 
 
 def decoder_step_cost(session, rows: int, beams: int, r: int, heads: int, repeats: int) -> dict:
@@ -199,7 +225,7 @@ def main() -> int:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeats", type=int, default=2, help="timings are the best of this many runs")
+    p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     p.add_argument("--sweep-images", type=int, default=50, help="images per session-option setting (0: skip)")
     p.add_argument("--work", type=Path, default=Path("/tmp/aoanet-bench-infer"))
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "infer.json")
@@ -278,6 +304,18 @@ def main() -> int:
         Captioner.from_dir(export_dir, threads=args.threads, precision="int8")
     )
     print(f"onnxruntime int8 batched: {results['onnxruntime_int8_batched']}", flush=True)
+    # several batches at once on worker threads, threads // streams intra-op threads each (Captioner streams)
+    streams = max(2, args.threads)
+    streamed_out = {}
+    for precision, name in (("fp32", "onnxruntime_streams"), ("int8", "onnxruntime_int8_streams")):
+        threads = max(1, args.threads // streams)
+        c = Captioner.from_dir(export_dir, precision=precision, streams=streams, threads=threads)
+        c.caption(feats[:2], beam_size=k, max_length=length)
+        t, streamed_out[precision] = best_of(
+            lambda c=c: c.caption(feats, beam_size=k, max_length=length, batch_size=bs), args.repeats
+        )
+        results[name] = {"images_per_s": args.images / t, "seconds": t, "streams": streams}
+        print(f"onnxruntime {precision}, {streams} streams: {args.images / t:.2f} images/s", flush=True)
     step_cost = decoder_step_cost(captioner.decoder.session, bs * k, k, o["rnn_size"], o["num_heads"], args.repeats)
     print(f"decoder run over {bs * k} rows: {step_cost}", flush=True)
 
@@ -375,6 +413,11 @@ def main() -> int:
         "matmul_rate": rates,
         "achieved_gflops": achieved / 1e9,
         "roofline_fraction": achieved / (rates["gflops"] * 1e9),
+        # the same for int8: its achieved rate over the measured rate of a quantized matmul (same product)
+        "int8_achieved_gops": flops_per_image * results["onnxruntime_int8_batched"]["images_per_s"] / 1e9,
+        "int8_roofline_fraction": flops_per_image
+        * results["onnxruntime_int8_batched"]["images_per_s"]
+        / (rates["int8_gops"] * 1e9),
         "speedup_onnx_vs_paddle_eager": results["onnxruntime_batched"]["images_per_s"]
         / results["paddle_eager"]["images_per_s"],
         "speedup_onnx_vs_paddle_static": results["onnxruntime_batched"]["images_per_s"]
@@ -383,11 +426,22 @@ def main() -> int:
         / results["paddle_eager"]["images_per_s"],
         "speedup_onnx_vs_paddle_eager_per_image": results["onnxruntime_batched"]["images_per_s"]
         / results["paddle_eager_per_image"]["images_per_s"],
+        # the fastest onnxruntime configuration of each precision (default single stream, or streams)
+        "speedup_best_fp32_vs_paddle_eager": max(
+            results[n]["images_per_s"] for n in ("onnxruntime_batched", "onnxruntime_streams")
+        )
+        / results["paddle_eager"]["images_per_s"],
+        "speedup_best_int8_vs_paddle_eager": max(
+            results[n]["images_per_s"] for n in ("onnxruntime_int8_batched", "onnxruntime_int8_streams")
+        )
+        / results["paddle_eager"]["images_per_s"],
         "targets": {"speedup_onnx_vs_paddle_eager": 10.0, "roofline_fraction": 0.6},
         "same_captions": {
             "paddle_static_vs_onnx": bool(np.array_equal(static_out.seqs, onnx_out.seqs)),
             "paddle_eager_vs_onnx": bool(np.array_equal(eager_seqs, onnx_out.seqs)),
             "onnx_int8_vs_fp32_fraction": float(np.mean(np.all(int8_out.seqs == onnx_out.seqs, axis=1))),
+            "onnx_streams_vs_one_stream": bool(np.array_equal(streamed_out["fp32"].seqs, onnx_out.seqs))
+            and bool(np.array_equal(streamed_out["int8"].seqs, int8_out.seqs)),
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +455,10 @@ def main() -> int:
         f"FLOPs/image {flops_per_image / 1e9:.2f} G (encoder {enc_flops / args.images / 1e9:.2f}, decoder "
         f"{dec_flops / args.images / 1e9:.2f}); achieved {achieved / 1e9:.1f} GFLOP/s of a measured matmul "
         f"rate of {rates['gflops']:.1f} GFLOP/s -> roofline fraction {report['roofline_fraction']:.2f}"
+    )
+    print(
+        f"int8: achieved {report['int8_achieved_gops']:.1f} GOP/s of a measured int8 matmul rate of "
+        f"{rates['int8_gops']:.1f} GOP/s -> {report['int8_roofline_fraction']:.2f}"
     )
     print(
         f"int8 captions equal to fp32's: {report['same_captions']['onnx_int8_vs_fp32_fraction']:.1%} "
