@@ -228,8 +228,9 @@ class Captioner:
         sessions (onnxruntime runs them concurrently); the default intra-op threads per session becomes
         CPUs // streams. Several streams keep every core busy through the parts a single stream runs on one
         core (numpy's search bookkeeping, small graph ops). Measured on 2 cores, full-size model, batch 50
-        (scripts/bench_infer.py): int8 +8% with 2 streams of 1 thread, fp32 about the same. Results do not
-        depend on it (each batch is decoded as it would be alone)."""
+        (scripts/bench_infer.py): 2 streams of 1 thread gave int8 +4-5%, fp32 +2%, for jobs of several
+        batches; a single batch runs on fewer threads, so the default is 1. Results do not depend on it (each
+        batch is decoded as it would be alone)."""
         if precision not in MODEL_FILES:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         export_dir = Path(export_dir)
