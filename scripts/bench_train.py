@@ -69,6 +69,16 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def rates(parts: dict, iters: int) -> dict:
+    """Iterations/s, seconds/iteration and each phase's share of the time, from the per-phase seconds."""
+    total = sum(parts.values())
+    return {
+        "iters_per_s": iters / total,
+        "seconds_per_iter": total / iters,
+        "share": {k: v / total for k, v in parts.items()},
+    }
+
+
 def bench_xe(model, opt, root, ids, iters, rng, repeat_before_encoder=False):
     parts = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for it in range(iters + 1):  # the first iteration is warm-up
@@ -95,12 +105,7 @@ def bench_xe(model, opt, root, ids, iters, rng, repeat_before_encoder=False):
             parts["forward"] += t1 - t0
             parts["backward"] += t2 - t1
             parts["optimizer"] += t3 - t2
-    total = sum(parts.values())
-    return {
-        "iters_per_s": iters / total,
-        "seconds_per_iter": total / iters,
-        "share": {k: v / total for k, v in parts.items()},
-    }
+    return rates(parts, iters)
 
 
 def bench_scst(model, opt, root, ids, iters, rng):
@@ -133,12 +138,7 @@ def bench_scst(model, opt, root, ids, iters, rng):
         if it > 0:
             for k, v in zip(parts, (t_data, t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 parts[k] += v
-    total = sum(parts.values())
-    return {
-        "iters_per_s": iters / total,
-        "seconds_per_iter": total / iters,
-        "share": {k: v / total for k, v in parts.items()},
-    }
+    return rates(parts, iters)
 
 
 def main():
