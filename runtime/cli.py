@@ -62,7 +62,7 @@ class OnnxBackend:
             self.captioner = Captioner.from_dir(export_dir, threads=threads, precision=precision, streams=streams)
         except ExportDirError as e:
             raise InferError(str(e)) from None
-        self.streams = streams
+        self.streams = self.captioner.streams
         self.width = self.captioner.att_feat_size
         self.ix_to_word = self.captioner.ix_to_word
         self.decode = self.captioner.decode
