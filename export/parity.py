@@ -7,7 +7,9 @@ region, full and ragged masks, a batch larger than the others, and beams: ``beam
 per image, fed the image's memory once (as the runtime's beam search does), while the dynamic graph gets it
 repeated per row (the per-row form); beam j of an image is fed the dynamic graph's j-th best token. The
 export fails when the log-probs of either backend differ from the dynamic graph by more than
-``LOGPROB_TOLERANCE`` (max absolute difference); the other outputs are reported.
+``LOGPROB_TOLERANCE`` (max absolute difference); the other outputs are reported. The ONNX decoder's candidate
+head (top-k words by log-prob + bias) must equal, exactly, numpy's top-k of the same graph's log-probs with the UNK
+penalty as the bias, at every step of every case.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from export.static import StaticFiles, StaticPredictor
 
 LOGPROB_TOLERANCE = 1e-4
 STEPS = 20
+CANDIDATES_K = 3
+UNK_PENALTY = 1000.0  # runtime.beam.UNK_PENALTY (the runtime is not imported here)
 
 
 @dataclass(frozen=True)
@@ -123,15 +127,39 @@ def onnx_session(path: Path, threads: int = 1):
 
 
 class OnnxBackend:
+    """The ONNX graphs; every step also checks the decoder's candidate head against numpy (``candidates``)."""
+
     def __init__(self, encoder: Path, decoder: Path, threads: int = 1):
         self.encoder, self.decoder = onnx_session(encoder, threads), onnx_session(decoder, threads)
+        # The head's inputs are optional (initializers of the same names): listed as overridable initializers.
+        inputs = {i.name: i for i in self.decoder.get_inputs() + self.decoder.get_overridable_initializers()}
+        self.head = "logprob_bias" in inputs and "topk" in inputs
+        self.vocab1 = inputs["logprob_bias"].shape[0] if self.head else None
+        self.candidates = {"k": CANDIDATES_K, "rows": 0, "mismatched_rows": 0} if self.head else None
 
     def encode(self, feats, masks):
         return tuple(self.encoder.run(list(ENCODER_OUTPUTS), {"att_feats": feats, "att_masks": masks}))
 
     def step(self, it, h, c, mean, encoded, masks):
         outputs = ["logprobs", "next_state_h", "next_state_c"]
-        return tuple(self.decoder.run(outputs, decoder_feeds(it, h, c, mean, encoded, masks)))
+        feeds = decoder_feeds(it, h, c, mean, encoded, masks)
+        if not self.head:
+            return tuple(self.decoder.run(outputs, feeds))
+        bias = np.zeros(self.vocab1, np.float32)
+        bias[-1] = -UNK_PENALTY  # the model's UNK is the last id
+        k = min(CANDIDATES_K, self.vocab1)
+        feeds.update(logprob_bias=bias, topk=np.array([k], np.int64))
+        lp, h, c, scores, raw, ids = self.decoder.run(outputs + ["cand_scores", "cand_logprobs", "cand_ids"], feeds)
+        biased = lp + bias
+        want = np.argsort(-biased, axis=1, kind="stable")[:, :k]
+        ok = (
+            (ids == want).all(axis=1)
+            & (scores == np.take_along_axis(biased, want, axis=1)).all(axis=1)
+            & (raw == np.take_along_axis(lp, want, axis=1)).all(axis=1)
+        )
+        self.candidates["rows"] += int(ok.size)
+        self.candidates["mismatched_rows"] += int(ok.size - ok.sum())
+        return lp, h, c
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -213,8 +241,11 @@ def run_parity(
         for name in backends
     }
     # Gate on the log-probs (what decoding sees); a non-finite figure (NaN, wrong shape) anywhere fails too.
-    passed = all(overall[name]["logprobs"] <= tolerance for name in backends) and all(
-        np.isfinite(v) for figures in overall.values() for v in figures.values()
+    candidates = backends["onnx"].candidates
+    passed = (
+        all(overall[name]["logprobs"] <= tolerance for name in backends)
+        and all(np.isfinite(v) for figures in overall.values() for v in figures.values())
+        and (candidates is None or candidates["mismatched_rows"] == 0)
     )
     return {
         "passed": passed,
@@ -229,6 +260,8 @@ def run_parity(
         "min_argmax_agreement": {
             name: min(r["argmax_agreement"][name] for r in results) for name in backends
         },
+        # The ONNX decoder's candidate head vs numpy's top-k of its log-probs (must be 0 mismatched rows).
+        "candidates": candidates,
         "cases": results,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -236,7 +269,9 @@ def run_parity(
 
 def summary(report: dict) -> dict:
     """The figures kept in the manifest (parity.json has the per-case details)."""
-    keys = ("passed", "tolerance", "steps", "max_abs_diff_logprobs", "max_abs_diff", "min_argmax_agreement")
+    keys = (
+        "passed", "tolerance", "steps", "max_abs_diff_logprobs", "max_abs_diff", "min_argmax_agreement", "candidates"
+    )
     return {**{k: report[k] for k in keys}, "cases": [[c["batch"], c["regions"], c["beams"]] for c in report["cases"]]}
 
 
@@ -245,4 +280,10 @@ def describe(report: dict) -> str:
     for name in report["max_abs_diff"]:
         figures = ", ".join(f"{out} {v:.2e}" for out, v in report["max_abs_diff"][name].items())
         lines.append(f"{name} vs dynamic: {figures}")
+    candidates = report.get("candidates")
+    if candidates:
+        lines.append(
+            f"onnx candidate head: {candidates['mismatched_rows']} of {candidates['rows']} rows differ from numpy's "
+            f"top-{candidates['k']}"
+        )
     return "; ".join(lines)

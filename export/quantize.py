@@ -130,6 +130,19 @@ def fold_constants(src: Path, dst: Path) -> None:
         raise ExportError(f"onnxruntime wrote no optimised graph for {src.name}")
 
 
+def _restore_declared_shapes(model, source) -> bool:
+    """Give the quantized graph's inputs and outputs the fp32 graph's declared types. The optimisation pass
+    writes inferred shapes, which take the default of an optional input for a dynamic size (the candidate head's
+    ``topk`` default of 1 made ``cand_ids`` [batch, 1] instead of [batch, k]). Returns whether anything changed."""
+    declared = {v.name: v.type for v in list(source.graph.input) + list(source.graph.output)}
+    changed = False
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name in declared and value.type != declared[value.name]:
+            value.type.CopyFrom(declared[value.name])
+            changed = True
+    return changed
+
+
 def quantize_file(src, dst, per_channel: bool = PER_CHANNEL) -> dict:
     """Quantize the fp32 ONNX file ``src`` into ``dst``; returns the quantized and float node counts.
 
@@ -156,7 +169,10 @@ def quantize_file(src, dst, per_channel: bool = PER_CHANNEL) -> dict:
 
     model = onnx.load(str(dst))
     ops = collections.Counter(node.op_type for node in model.graph.node)
-    want = _signature(onnx.load(str(src), load_external_data=False))
+    source = onnx.load(str(src), load_external_data=False)
+    if _restore_declared_shapes(model, source):
+        onnx.save(model, str(dst))
+    want = _signature(source)
     if _signature(model) != want:
         dst.unlink(missing_ok=True)
         raise ExportError(f"quantizing {src.name} changed its inputs/outputs to {_signature(model)} (expected {want})")
@@ -202,6 +218,12 @@ def measure(fp32_files: dict, int8_files: dict, att_feat_size: int, threads: int
             f"the int8 graphs give non-finite (or mis-shaped) {', '.join(bad)} on the parity inputs; "
             "export without --int8"
         )
+    candidates = backends["int8"].candidates
+    if candidates and candidates["mismatched_rows"]:
+        raise ExportError(
+            f"the int8 decoder's candidate head differs from numpy's top-{candidates['k']} of its own log-probs in "
+            f"{candidates['mismatched_rows']} of {candidates['rows']} rows"
+        )
     rows = [case.rows * parity.STEPS for case in parity.DEFAULT_CASES]
     agreeing = sum(r["argmax_agreement"]["int8"] * n for r, n in zip(results, rows, strict=True))
     return {
@@ -212,4 +234,5 @@ def measure(fp32_files: dict, int8_files: dict, att_feat_size: int, threads: int
         "max_abs_diff": diffs,
         "argmax_agreement": agreeing / sum(rows),
         "min_argmax_agreement": min(r["argmax_agreement"]["int8"] for r in results),
+        "candidates": candidates,
     }

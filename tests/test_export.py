@@ -94,11 +94,16 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
                 ("att_values", "float32", ["images", 4, "regions", R // 4]),
                 ("att_keys", "float32", ["images", 4, "regions", R // 4]),
                 ("att_masks", "float32", ["images", "regions"]),
+                ("logprob_bias", "float32", [V + 1]),
+                ("topk", "int64", [1]),
             ],
             [
                 ("logprobs", "float32", ["batch", V + 1]),
                 ("next_state_h", "float32", [2, "batch", R]),
                 ("next_state_c", "float32", [2, "batch", R]),
+                ("cand_scores", "float32", ["batch", "k"]),
+                ("cand_logprobs", "float32", ["batch", "k"]),
+                ("cand_ids", "int64", ["batch", "k"]),
             ],
         ),
     }
@@ -123,7 +128,7 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
 
     out, manifest = exported
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert manifest["format_version"] == 2 and manifest["model"] == "aoanet"
+    assert manifest["format_version"] == 3 and manifest["model"] == "aoanet"
     assert manifest["ix_to_word"] == json.loads((checkpoint / "model.json").read_text())["ix_to_word"]
     assert manifest["ix_to_word"][str(V)] == "UNK"
     assert (manifest["bos_id"], manifest["eos_id"], manifest["pad_id"], manifest["unk_id"]) == (0, 0, 0, V)
@@ -147,6 +152,9 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
         "logprobs",
         "next_state_h",
         "next_state_c",
+        "cand_scores",
+        "cand_logprobs",
+        "cand_ids",
     ]
     src = manifest["source_checkpoint"]
     assert src["path"] == str(checkpoint.resolve()) and src["which"] == "best"
@@ -212,6 +220,10 @@ def test_parity_report_within_tolerance(exported):
         report["max_abs_diff"][b]["logprobs"] for b in ("static", "onnx")
     )
     assert manifest["parity"]["max_abs_diff_logprobs"] == report["max_abs_diff_logprobs"]
+    # The decoder's candidate head equalled numpy's top-3 (UNK penalised) of its log-probs at every step and row.
+    rows = sum(c["batch"] * c["beams"] for c in report["cases"]) * report["steps"]
+    assert report["candidates"] == {"k": 3, "rows": rows, "mismatched_rows": 0}
+    assert manifest["parity"]["candidates"] == report["candidates"]
 
 
 def test_onnxruntime_and_static_at_a_new_shape(exported, checkpoint):
@@ -429,6 +441,46 @@ def _log_softmax_graph(axes, sub_inputs=("x", "lse2")):
         [h.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", 7])],
     )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_candidate_head_orders_like_a_stable_descending_sort():
+    """add_candidate_head on a graph whose only output is its input: onnxruntime's TopK + bias must give numpy's
+    stable descending order (ties to the lower id), the biased values and the raw values, for every k."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.onnx_convert import add_candidate_head
+    from runtime.beam import _topk
+
+    vocab1 = 12
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["logprobs"])],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", vocab1])],
+        [helper.make_tensor_value_info("logprobs", TensorProto.FLOAT, ["batch", vocab1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    add_candidate_head(model)
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    lp = -rng.integers(0, 4, (64, vocab1)).astype(np.float32)  # many ties
+    lp[0] = -2.0  # a row of equal values
+    lp[1, -1] = 0.0  # UNK the best before its penalty
+    bias = np.zeros(vocab1, np.float32)
+    bias[-1] = -1000.0
+    for k in (1, 3, vocab1):
+        ids, scores, raw = session.run(
+            ["cand_ids", "cand_scores", "cand_logprobs"], {"x": lp, "logprob_bias": bias, "topk": np.array([k])}
+        )
+        biased = lp + bias
+        want = np.argsort(-biased, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_array_equal(scores, np.take_along_axis(biased, want, axis=1))
+        np.testing.assert_array_equal(raw, np.take_along_axis(lp, want, axis=1))
+        np.testing.assert_array_equal(ids, _topk(biased, k)[1])  # the search's own top-k agrees
+    with pytest.raises(ExportError, match="no output 'logprobs'"):
+        add_candidate_head(helper.make_model(helper.make_graph([], "empty", [], [])))
 
 
 def test_fuse_log_softmax_rewrites_only_the_exact_pattern():

@@ -85,7 +85,7 @@ def _signature(model) -> list:
 def test_int8_files_are_hashed_in_the_manifest(exported):
     out, output = exported
     manifest = manifest_mod.verify(out)  # every listed file matches its sha256
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", *INT8.values()}
     for name in INT8.values():
         entry = manifest["files"][name]
@@ -99,6 +99,8 @@ def test_int8_files_are_hashed_in_the_manifest(exported):
     assert 0 < q["max_abs_diff_logprobs"] < 0.5 and q["max_abs_diff"]["logprobs"] == q["max_abs_diff_logprobs"]
     assert all(np.isfinite(v) for v in q["max_abs_diff"].values())
     assert q["argmax_agreement"] >= 0.9 and q["min_argmax_agreement"] <= q["argmax_agreement"]
+    # the int8 decoder's candidate head equals numpy's top-k of its own log-probs at every step
+    assert q["candidates"]["rows"] > 0 and q["candidates"]["mismatched_rows"] == 0
     assert manifest["parity"]["passed"] is True  # the fp32 graphs' guarantee is unchanged
     assert "int8 graphs vs fp32" in output and "argmax agreement" in output
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
