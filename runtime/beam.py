@@ -19,7 +19,9 @@ captioner). It follows the authors' beam search (``models/CaptionModel.py:beam_s
 first; the result is identical to running all ``max_length`` steps (see ``beam_search``).
 
 The ``step`` callable must return log-probabilities (every value <= 0): the early stop relies on running
-sums never increasing.
+sums never increasing. It may return them whole ([M, V+1]) or as ``Candidates``: each row's top words already
+chosen by the backend (the ONNX decoder's candidate head), which is all the search reads when no constraint
+(block_trigrams, bad endings) needs the other values.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DecodeResult", "beam_search", "greedy", "length_penalty_fn"]
+__all__ = ["Candidates", "DecodeResult", "beam_search", "greedy", "length_penalty_fn"]
 
 UNK_PENALTY = 1000.0
 # Running sum given to a beam once it is finished, so that it stops being continued in practice.
@@ -62,6 +64,41 @@ class DecodeResult:
     done_scores: np.ndarray | None = None  # float64 [B, K * max_length]
     done_counts: np.ndarray | None = None  # int64 [B]
     n_steps: int = 0
+
+
+@dataclass
+class Candidates:
+    """A step's result as each row's ``k`` best words instead of every log-prob.
+
+    ids: int64 [M, k], best first, ties to the lower id (a stable descending sort of ``scores``' source).
+    scores: float32 [M, k], the values ranked: log-prob + bias, the bias being -UNK_PENALTY at
+        ``penalised_unk`` (None: no bias), computed in float32 like the search's own ``lp[:, unk] -= 1000``.
+    logprobs: float32 [M, k], the raw log-probs of those words.
+    vocab_size: V + 1, the number of words ranked.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    logprobs: np.ndarray
+    penalised_unk: int | None
+    vocab_size: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, index) -> Candidates:
+        return Candidates(
+            self.ids[index], self.scores[index], self.logprobs[index], self.penalised_unk, self.vocab_size
+        )
+
+    def check(self, k: int, unk: int | None, constraints: bool) -> None:
+        """Refuse candidates that cannot stand for the full log-probs in this search."""
+        if constraints:
+            raise ValueError("block_trigrams / bad endings need the full log-probs, not Candidates")
+        if self.penalised_unk != unk:
+            raise ValueError(f"Candidates penalise UNK id {self.penalised_unk}, the search wants {unk}")
+        if self.ids.shape[1] < min(k, self.vocab_size):
+            raise ValueError(f"Candidates hold {self.ids.shape[1]} words per row, the search needs {k}")
 
 
 def length_penalty_fn(spec: str) -> Callable[[int, np.ndarray], np.ndarray] | None:
@@ -123,6 +160,13 @@ def _topk(x: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray, n
         vals[sub] = np.take_along_axis(x[sub], exact, axis=1)
     order = np.lexsort((idx, -vals), axis=-1)
     return np.take_along_axis(vals, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def _by_flat(x: np.ndarray) -> np.ndarray:
+    """[n_img * K, K] (row q of an image, rank c) -> [n_img, K * K] at flat index c * K + q: the reference's
+    candidate list order (word rank outer, beam inner)."""
+    k = x.shape[-1]
+    return x.reshape(-1, k, k).transpose(0, 2, 1).reshape(-1, k * k)
 
 
 def _apply_constraints(
@@ -194,7 +238,7 @@ def beam_search(
     n_rows = batch * k_beams
     logprobs, ctx = step(np.zeros(n_rows, dtype=np.int64), ctx)
     n_steps = 1
-    vocab1 = np.shape(logprobs)[1]
+    vocab1 = logprobs.vocab_size if isinstance(logprobs, Candidates) else np.shape(logprobs)[1]
     if k_beams > vocab1:
         raise ValueError(f"beam_size {k_beams} exceeds the vocabulary size {vocab1}")
     unk = (vocab1 - 1 if unk_idx is None else int(unk_idx) % vocab1) if suppress_unk else None
@@ -213,25 +257,29 @@ def beam_search(
     best_p = np.full(batch, -np.inf)
     k_range = np.arange(k_beams)
 
+    constraints = block_trigrams or bad_ids is not None
     for t in range(max_len):
         n_img = active.size
-        raw = np.asarray(logprobs)
-        lp = raw.copy()
-        _apply_constraints(lp, seq, t, block_trigrams, bad_ids)
-        if unk is not None:  # after the constraints, in the reference's order
-            lp[:, unk] -= lp.dtype.type(UNK_PENALTY)
-
-        if t == 0:
-            ys, ix = _topk(lp[::k_beams], k_beams, overwrite=True)  # beam 0 of each image: [n_img, K]
-            cand = sums[:, :1] + ys
-            words_by_flat = ix
+        rows_t = slice(None, None, k_beams) if t == 0 else slice(None)  # t = 0: beam 0 of each image only
+        if isinstance(logprobs, Candidates):
+            logprobs.check(k_beams, unk, constraints)
+            ys = logprobs.scores[rows_t, :k_beams]
+            ix = logprobs.ids[rows_t, :k_beams]
+            rv = logprobs.logprobs[rows_t, :k_beams]
         else:
-            ys, ix = _topk(lp, k_beams, overwrite=True)  # [n_img * K, K]: beam q's top words by rank c
-            # Flat candidate index c * K + q: the reference's list order (word rank outer, beam inner).
-            cand = (
-                (sums[:, :, None] + ys.reshape(n_img, k_beams, k_beams)).transpose(0, 2, 1).reshape(n_img, -1)
-            )
-            words_by_flat = ix.reshape(n_img, k_beams, k_beams).transpose(0, 2, 1).reshape(n_img, -1)
+            raw = np.asarray(logprobs)
+            lp = raw.copy()
+            _apply_constraints(lp, seq, t, block_trigrams, bad_ids)
+            if unk is not None:  # after the constraints, in the reference's order
+                lp[:, unk] -= lp.dtype.type(UNK_PENALTY)
+            ys, ix = _topk(lp[rows_t], k_beams, overwrite=True)  # row q's top words by rank c
+            rv = np.take_along_axis(raw[rows_t], ix, axis=1)  # their raw log-probs
+
+        if t == 0:  # [n_img, K]
+            cand, words_by_flat, raw_by_flat = sums[:, :1] + ys, ix, rv
+        else:  # [n_img * K, K]
+            cand = _by_flat(sums[:, :, None] + ys.reshape(n_img, k_beams, k_beams))
+            words_by_flat, raw_by_flat = _by_flat(ix), _by_flat(rv)
         if ys.size and ys[:, 0].max() > 0:
             stop_early = False  # not log-probabilities: the early-stop bound does not hold
         pick = np.argsort(-cand, axis=1, kind="stable")[:, :k_beams]
@@ -243,7 +291,7 @@ def beam_search(
         seq = seq[src]
         seq_lp = seq_lp[src]
         seq[:, t] = words
-        seq_lp[:, t] = raw[src, words]
+        seq_lp[:, t] = np.take_along_axis(raw_by_flat, pick, axis=1).reshape(-1)
         if not np.array_equal(src, np.arange(src.size)):
             ctx = reorder(ctx, src)
 
@@ -324,16 +372,21 @@ def greedy(
     alive = np.ones(batch, dtype=bool)
     it = np.zeros(batch, dtype=np.int64)
     n_steps = 0
+    constraints = block_trigrams or bad_ids is not None
     for t in range(max_len):
         logprobs, ctx = step(it, ctx)
         n_steps += 1
-        raw = np.asarray(logprobs)
-        lp = raw
-        if block_trigrams or bad_ids is not None:
-            lp = raw.copy()
-            _apply_constraints(lp, seqs[rows], t, block_trigrams, bad_ids)
-        words = lp.argmax(axis=1)
-        chosen = raw[np.arange(words.size), words]
+        if isinstance(logprobs, Candidates):
+            logprobs.check(1, None, constraints)
+            words, chosen = logprobs.ids[:, 0], logprobs.logprobs[:, 0]
+        else:
+            raw = np.asarray(logprobs)
+            lp = raw
+            if constraints:
+                lp = raw.copy()
+                _apply_constraints(lp, seqs[rows], t, block_trigrams, bad_ids)
+            words = lp.argmax(axis=1)
+            chosen = raw[np.arange(words.size), words]
         out = rows[alive]
         seqs[out, t] = words[alive]
         seq_lp[out, t] = chosen[alive]

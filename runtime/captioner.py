@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.beam import DecodeResult, beam_search, greedy
+from runtime.beam import UNK_PENALTY, Candidates, DecodeResult, beam_search, greedy
 from runtime.features import FeatureError, batch_plan, pad_batch
 from runtime.vocab import bad_ending_ids, decode_sequence
 
@@ -33,7 +33,8 @@ __all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "load_mani
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSIONS = (2,)  # 2: the decoder takes keys/values in head layout, a row per image
+# 2: the decoder takes keys/values in head layout, a row per image; 3: and it has the candidate head
+FORMAT_VERSIONS = (2, 3)
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
 # The graphs of each precision; the int8 ones are optional in an export (aoanet-export --int8).
 MODEL_FILES = {"fp32": (ENCODER, DECODER), "int8": ("encoder.int8.onnx", "decoder.int8.onnx")}
@@ -43,6 +44,10 @@ PRECISIONS = tuple(MODEL_FILES)
 ENCODER_OUTPUTS = ["mean_feats", "att_values", "att_keys"]
 MEMORY = ("att_values", "att_keys", "att_masks")  # a row per image, shared by the image's beams
 DECODER_OUTPUTS = ["logprobs", "next_state_h", "next_state_c"]
+# The decoder's candidate head (format 3, export.onnx_convert.add_candidate_head): each row's top-k words by
+# logprobs + logprob_bias, fetched instead of the log-probs when the search needs no other value.
+HEAD_INPUTS = ("logprob_bias", "topk")
+CANDIDATE_OUTPUTS = ["cand_ids", "cand_scores", "cand_logprobs", "next_state_h", "next_state_c"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 # Measured with scripts/bench_infer.py (full-size model, batch 50, beam 3) on a 2-core CPU: intra-op threads = all
@@ -185,6 +190,15 @@ def in_streams(fn: Callable, items: Sequence, streams: int) -> Iterator:
                 future.cancel()
 
 
+def _has_candidate_head(decoder) -> bool:
+    """Does the decoder session take the candidate head's inputs? (optional inputs, so onnxruntime lists them as
+    overridable initializers; a session-like object without these methods, e.g. a Paddle predictor, has none)"""
+    if not hasattr(decoder, "get_overridable_initializers"):
+        return False
+    names = {i.name for i in list(decoder.get_inputs()) + list(decoder.get_overridable_initializers())}
+    return set(HEAD_INPUTS) <= names
+
+
 # ------------------------------------------------------------------------------------------- captioner
 class Captioner:
     """An encoder and a decoder session plus the manifest (vocabulary, sizes) of one export."""
@@ -201,6 +215,11 @@ class Captioner:
         # The decoder reads each image's memory once for its beams; False feeds it repeated per row (the same
         # graph accepts both; kept for the test that they agree).
         self.memory_per_image = True
+        # The decoder's candidate head (exports of format 3): fetch each row's top-k words instead of the
+        # [rows, V+1] log-probs when the search needs nothing else. False: always the log-probs (kept for the
+        # test that both give the same results).
+        self.has_candidate_head = _has_candidate_head(decoder)
+        self.use_candidates = self.has_candidate_head
         self.export_dir: Path | None = None
         self.precision = "fp32"
         self.streams = 1  # batches decoded at once by caption(), each on its own thread (see from_dir)
@@ -340,9 +359,24 @@ class Captioner:
             )
         )
 
-    def _run_decoder(self, it, h, c, mean_feats, memory: dict) -> list[np.ndarray]:
+    def _run_decoder(self, it, h, c, mean_feats, memory: dict, head: tuple | None) -> tuple:
+        """-> (log-probs [rows, V+1] or Candidates, next h, next c). ``head``: None, or (k, bias, penalised UNK
+        id) to fetch the candidate head's top-k instead of the log-probs."""
         feeds = {"it": it, "state_h": h, "state_c": c, "mean_feats": mean_feats}
-        return self.decoder.run(DECODER_OUTPUTS, {**feeds, **{name: memory[name] for name in MEMORY}})
+        feeds.update((name, memory[name]) for name in MEMORY)
+        if head is None:  # the head's inputs have defaults
+            return tuple(self.decoder.run(DECODER_OUTPUTS, feeds))
+        k, bias, unk = head
+        feeds.update(logprob_bias=bias, topk=np.array([k], np.int64))
+        ids, scores, logprobs, h, c = self.decoder.run(CANDIDATE_OUTPUTS, feeds)
+        return Candidates(ids, scores, logprobs, unk, self.vocab_size + 1), h, c
+
+    def _head(self, k: int, unk: int | None) -> tuple:
+        """The candidate head's inputs for a search of k beams penalising ``unk`` (None: no penalty)."""
+        bias = np.zeros(self.vocab_size + 1, np.float32)
+        if unk is not None:
+            bias[unk] = -UNK_PENALTY  # float32 x + (-1000) == the search's own float32 x - 1000
+        return min(k, self.vocab_size + 1), bias, unk
 
     def _step(self, it: np.ndarray, ctx: dict) -> tuple[np.ndarray, dict]:
         first = ctx.get("bos")
@@ -351,14 +385,16 @@ class Captioner:
             # rows, so one row per image is run and repeated (the search only reads beam 0's row anyway).
             k, mean_feats, memory = first
             zeros = np.zeros((2, mean_feats.shape[0], self.rnn_size), dtype=np.float32)
-            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, memory)
+            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, memory, ctx["head"])
             ctx = {name: v for name, v in ctx.items() if name != "bos"}
-            return np.repeat(logprobs, k, axis=0), {
+            repeat = np.repeat(np.arange(len(logprobs)), k)
+            logprobs = logprobs.rows(repeat) if isinstance(logprobs, Candidates) else logprobs[repeat]
+            return logprobs, {
                 **ctx,
                 "h": np.repeat(h, k, axis=1),
                 "c": np.repeat(c, k, axis=1),
             }
-        logprobs, h, c = self._run_decoder(it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx)
+        logprobs, h, c = self._run_decoder(it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx, ctx["head"])
         return logprobs, {**ctx, "h": h, "c": c}
 
     @staticmethod
@@ -377,6 +413,7 @@ class Captioner:
             "mean_feats": ctx["mean_feats"][index],
             **{name: ctx[name][images] for name in MEMORY},
             "rows_per_memory": k,
+            "head": ctx["head"],
         }
 
     def decode(
@@ -399,8 +436,15 @@ class Captioner:
         att_masks = np.ascontiguousarray(att_masks, dtype=np.float32)
         mean_feats, values, keys = self.encode(att_feats, att_masks)
         memory = {"att_values": values, "att_keys": keys, "att_masks": att_masks}
-        k = 1 if (beam_size == 1 and greedy_unk) else int(beam_size)
-        ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1}
+        is_greedy = beam_size == 1 and greedy_unk
+        k = 1 if is_greedy else int(beam_size)
+        head = None
+        bad_endings = options.get("bad_ending_ids")
+        if self.use_candidates and not options.get("block_trigrams") and (bad_endings is None or not len(bad_endings)):
+            # The search reads only each row's top-k words after the UNK penalty (greedy: no penalty).
+            suppress = options.get("suppress_unk", True) and not is_greedy
+            head = self._head(k, self.unk_id % (self.vocab_size + 1) if suppress else None)
+        ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1, "head": head}
         if k > 1:
             ctx["mean_feats"] = np.repeat(mean_feats, k, axis=0)
             if self.memory_per_image:
@@ -409,7 +453,7 @@ class Captioner:
                 ctx.update({name: np.repeat(x, k, axis=0) for name, x in memory.items()})
             ctx["bos"] = (k, mean_feats, memory)
         ctx["h"] = ctx["c"] = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
-        if beam_size == 1 and greedy_unk:
+        if is_greedy:
             greedy_options = {n: v for n, v in options.items() if n in ("block_trigrams", "bad_ending_ids")}
             return greedy(self._step, ctx, batch, max_length=max_length, keep=self._keep, **greedy_options)
         return beam_search(

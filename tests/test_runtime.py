@@ -144,6 +144,67 @@ def test_memory_per_image_equals_memory_per_row(captioner):
         assert a.n_steps == b.n_steps
 
 
+def test_candidate_head_gives_the_same_results_as_the_log_probs(captioner):
+    """The decoder's candidate head (top-k words fetched from the graph) and the full log-probs searched in numpy
+    give the same captions, scores, per-token log-probs and step counts, for greedy and beam search, with and
+    without UNK suppression and a length penalty; the head is really what the search read."""
+    assert captioner.has_candidate_head and captioner.use_candidates
+    full = Captioner(captioner.encoder, captioner.decoder, captioner.manifest)
+    full.use_candidates = False
+    fetched = []
+    run = captioner.decoder.run
+
+    class Spy:  # records the outputs each decoder run fetched
+        def run(self, names, feeds):
+            fetched.append(tuple(names))
+            return run(names, feeds)
+
+        def __getattr__(self, name):
+            return getattr(captioner.decoder, name)
+
+    head = Captioner(captioner.encoder, Spy(), captioner.manifest)
+    feats, masks = random_batch(4)
+    cases = [(1, {}), (2, {}), (3, {}), (3, {"suppress_unk": False}), (3, {"length_penalty": "wu_0.7"})]
+    for beam_size, options in cases:
+        fetched.clear()
+        a, b = head.decode(feats, masks, beam_size, **options), full.decode(feats, masks, beam_size, **options)
+        np.testing.assert_array_equal(a.seqs, b.seqs)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+        assert a.n_steps == b.n_steps == len(fetched)
+        assert all("cand_ids" in names and "logprobs" not in names for names in fetched)
+    # Constraints need every log-prob: then the head is not used.
+    fetched.clear()
+    a = head.decode(feats, masks, 3, block_trigrams=True)
+    np.testing.assert_array_equal(a.seqs, full.decode(feats, masks, 3, block_trigrams=True).seqs)
+    assert fetched and all("logprobs" in names and "cand_ids" not in names for names in fetched)
+
+
+def test_beam_search_refuses_candidates_that_cannot_stand_for_the_log_probs(captioner):
+    from runtime.beam import Candidates, beam_search, greedy
+
+    def step_with(unk, k=3):
+        def step(it, ctx):
+            lp = np.log(np.full((it.size, V + 1), 1.0 / (V + 1), np.float32))
+            ids = np.tile(np.arange(k), (it.size, 1))
+            return Candidates(ids, lp[:, :k], lp[:, :k], unk, V + 1), ctx
+
+        return step
+
+    def search(step, **kw):
+        return beam_search(step, lambda c, i: c, None, None, 2, 3, max_length=4, unk_idx=V, **kw)
+
+    assert search(step_with(V)).seqs.shape == (2, 4)  # the right penalty and enough words: accepted
+    with pytest.raises(ValueError, match="penalise UNK id None, the search wants 40"):
+        search(step_with(None))
+    with pytest.raises(ValueError, match="hold 2 words per row, the search needs 3"):
+        search(step_with(V, k=2))
+    with pytest.raises(ValueError, match="need the full log-probs"):
+        search(step_with(V), block_trigrams=True)
+    with pytest.raises(ValueError, match="penalise UNK id 40, the search wants None"):
+        greedy(step_with(V), None, 2, max_length=3)
+
+
 def test_parity_with_the_optional_constraints(model, captioner):
     parity = _load_script("parity_infer")
     options = dict(length_penalty="wu_0.5", block_trigrams=True, bad_ending_ids=np.array([3]))
