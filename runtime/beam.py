@@ -19,9 +19,9 @@ captioner). It follows the authors' beam search (``models/CaptionModel.py:beam_s
 first; the result is identical to running all ``max_length`` steps (see ``beam_search``).
 
 The ``step`` callable must return log-probabilities (every value <= 0): the early stop relies on running
-sums never increasing. It may return them whole ([M, V+1]) or as ``Candidates``: each row's top words already
-chosen by the backend (the ONNX decoder's candidate head), which is all the search reads when no constraint
-(block_trigrams, bad endings) needs the other values.
+sums never increasing. It may return them whole ([M, V+1]) or as ``Candidates``: each row's best words already
+chosen by the backend (the ONNX decoder's candidate head, ``Candidates.needed`` of them), which is all the search
+reads when no constraint (block_trigrams, bad endings) needs the other values.
 """
 
 from __future__ import annotations
@@ -68,37 +68,50 @@ class DecodeResult:
 
 @dataclass
 class Candidates:
-    """A step's result as each row's ``k`` best words instead of every log-prob.
+    """A step's result as each row's ``k`` best words by log-prob instead of every log-prob (the ONNX decoder's
+    candidate head).
 
-    ids: int64 [M, k], best first, ties to the lower id (a stable descending sort of ``scores``' source).
-    scores: float32 [M, k], the values ranked: log-prob + bias, the bias being -UNK_PENALTY at
-        ``penalised_unk`` (None: no bias), computed in float32 like the search's own ``lp[:, unk] -= 1000``.
-    logprobs: float32 [M, k], the raw log-probs of those words.
-    vocab_size: V + 1, the number of words ranked.
+    ids: int64 [M, k], best first, ties to the lower id (the order of a stable descending sort).
+    logprobs: float32 [M, k], their log-probs.
+    vocab_size: V + 1, the number of words they were chosen from.
     """
 
     ids: np.ndarray
-    scores: np.ndarray
     logprobs: np.ndarray
-    penalised_unk: int | None
     vocab_size: int
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def rows(self, index) -> Candidates:
-        return Candidates(
-            self.ids[index], self.scores[index], self.logprobs[index], self.penalised_unk, self.vocab_size
-        )
+        return Candidates(self.ids[index], self.logprobs[index], self.vocab_size)
 
-    def check(self, k: int, unk: int | None, constraints: bool) -> None:
-        """Refuse candidates that cannot stand for the full log-probs in this search."""
-        if constraints:
-            raise ValueError("block_trigrams / bad endings need the full log-probs, not Candidates")
-        if self.penalised_unk != unk:
-            raise ValueError(f"Candidates penalise UNK id {self.penalised_unk}, the search wants {unk}")
-        if self.ids.shape[1] < min(k, self.vocab_size):
-            raise ValueError(f"Candidates hold {self.ids.shape[1]} words per row, the search needs {k}")
+    @staticmethod
+    def needed(k: int, unk: int | None, vocab_size: int) -> int:
+        """Words per row a search of ``k`` beams needs: k, or k + 1 when ``unk`` is penalised (the k best after
+        the penalty are always among the k + 1 best before it; see ``top``)."""
+        return min(k + (unk is not None), vocab_size)
+
+    def top(self, k: int, unk: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, ids, log-probs) [M, k]: each row's k best words after lowering ``unk``'s log-prob by
+        UNK_PENALTY (None: no penalty), in the order of a stable descending sort of the scores, exactly as the
+        search ranks the full log-probs.
+
+        Why k + 1 words suffice: if UNK is not among them, every word outside them ranks below all of them both
+        before and after the penalty (UNK only drops), so the first k are the answer; if it is, the other k are the
+        k best of all other words, and the answer is the k best of those and the penalised UNK.
+        """
+        need = self.needed(k, unk, self.vocab_size)
+        if self.ids.shape[1] < need:
+            raise ValueError(f"Candidates hold {self.ids.shape[1]} words per row, the search needs {need}")
+        ids, raw = self.ids[:, :need], self.logprobs[:, :need]
+        is_unk = ids == unk if unk is not None else None
+        if is_unk is None or not is_unk.any():
+            return raw[:, :k], ids[:, :k], raw[:, :k]
+        scores = raw.copy()
+        scores[is_unk] -= scores.dtype.type(UNK_PENALTY)  # float32, as the search's own lp[:, unk] -= 1000
+        order = np.lexsort((ids, -scores), axis=-1)[:, :k]
+        return tuple(np.take_along_axis(x, order, axis=1) for x in (scores, ids, raw))
 
 
 def length_penalty_fn(spec: str) -> Callable[[int, np.ndarray], np.ndarray] | None:
@@ -262,10 +275,9 @@ def beam_search(
         n_img = active.size
         rows_t = slice(None, None, k_beams) if t == 0 else slice(None)  # t = 0: beam 0 of each image only
         if isinstance(logprobs, Candidates):
-            logprobs.check(k_beams, unk, constraints)
-            ys = logprobs.scores[rows_t, :k_beams]
-            ix = logprobs.ids[rows_t, :k_beams]
-            rv = logprobs.logprobs[rows_t, :k_beams]
+            if constraints:
+                raise ValueError("block_trigrams / bad endings need the full log-probs, not Candidates")
+            ys, ix, rv = logprobs.rows(rows_t).top(k_beams, unk)
         else:
             raw = np.asarray(logprobs)
             lp = raw.copy()
@@ -377,8 +389,10 @@ def greedy(
         logprobs, ctx = step(it, ctx)
         n_steps += 1
         if isinstance(logprobs, Candidates):
-            logprobs.check(1, None, constraints)
-            words, chosen = logprobs.ids[:, 0], logprobs.logprobs[:, 0]
+            if constraints:
+                raise ValueError("block_trigrams / bad endings need the full log-probs, not Candidates")
+            _, ids, raw_top = logprobs.top(1, None)
+            words, chosen = ids[:, 0], raw_top[:, 0]
         else:
             raw = np.asarray(logprobs)
             lp = raw

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.beam import UNK_PENALTY, Candidates, DecodeResult, beam_search, greedy
+from runtime.beam import Candidates, DecodeResult, beam_search, greedy
 from runtime.features import FeatureError, batch_plan, pad_batch
 from runtime.vocab import bad_ending_ids, decode_sequence
 
@@ -45,9 +45,9 @@ ENCODER_OUTPUTS = ["mean_feats", "att_values", "att_keys"]
 MEMORY = ("att_values", "att_keys", "att_masks")  # a row per image, shared by the image's beams
 DECODER_OUTPUTS = ["logprobs", "next_state_h", "next_state_c"]
 # The decoder's candidate head (format 3, export.onnx_convert.add_candidate_head): each row's top-k words by
-# logprobs + logprob_bias, fetched instead of the log-probs when the search needs no other value.
-HEAD_INPUTS = ("logprob_bias", "topk")
-CANDIDATE_OUTPUTS = ["cand_ids", "cand_scores", "cand_logprobs", "next_state_h", "next_state_c"]
+# log-prob, fetched instead of the log-probs when the search needs no other value.
+HEAD_INPUTS = ("topk",)
+CANDIDATE_OUTPUTS = ["cand_ids", "cand_logprobs", "next_state_h", "next_state_c"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 # Measured with scripts/bench_infer.py (full-size model, batch 50, beam 3) on a 2-core CPU: intra-op threads = all
@@ -359,24 +359,15 @@ class Captioner:
             )
         )
 
-    def _run_decoder(self, it, h, c, mean_feats, memory: dict, head: tuple | None) -> tuple:
-        """-> (log-probs [rows, V+1] or Candidates, next h, next c). ``head``: None, or (k, bias, penalised UNK
-        id) to fetch the candidate head's top-k instead of the log-probs."""
+    def _run_decoder(self, it, h, c, mean_feats, memory: dict, topk: int | None) -> tuple:
+        """-> (log-probs [rows, V+1], or Candidates of ``topk`` words per row, next h, next c)."""
         feeds = {"it": it, "state_h": h, "state_c": c, "mean_feats": mean_feats}
         feeds.update((name, memory[name]) for name in MEMORY)
-        if head is None:  # the head's inputs have defaults
+        if topk is None:  # the head's input has a default
             return tuple(self.decoder.run(DECODER_OUTPUTS, feeds))
-        k, bias, unk = head
-        feeds.update(logprob_bias=bias, topk=np.array([k], np.int64))
-        ids, scores, logprobs, h, c = self.decoder.run(CANDIDATE_OUTPUTS, feeds)
-        return Candidates(ids, scores, logprobs, unk, self.vocab_size + 1), h, c
-
-    def _head(self, k: int, unk: int | None) -> tuple:
-        """The candidate head's inputs for a search of k beams penalising ``unk`` (None: no penalty)."""
-        bias = np.zeros(self.vocab_size + 1, np.float32)
-        if unk is not None:
-            bias[unk] = -UNK_PENALTY  # float32 x + (-1000) == the search's own float32 x - 1000
-        return min(k, self.vocab_size + 1), bias, unk
+        feeds["topk"] = np.array([topk], np.int64)
+        ids, logprobs, h, c = self.decoder.run(CANDIDATE_OUTPUTS, feeds)
+        return Candidates(ids, logprobs, self.vocab_size + 1), h, c
 
     def _step(self, it: np.ndarray, ctx: dict) -> tuple[np.ndarray, dict]:
         first = ctx.get("bos")
@@ -385,7 +376,7 @@ class Captioner:
             # rows, so one row per image is run and repeated (the search only reads beam 0's row anyway).
             k, mean_feats, memory = first
             zeros = np.zeros((2, mean_feats.shape[0], self.rnn_size), dtype=np.float32)
-            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, memory, ctx["head"])
+            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, memory, ctx["topk"])
             ctx = {name: v for name, v in ctx.items() if name != "bos"}
             repeat = np.repeat(np.arange(len(logprobs)), k)
             logprobs = logprobs.rows(repeat) if isinstance(logprobs, Candidates) else logprobs[repeat]
@@ -394,7 +385,7 @@ class Captioner:
                 "h": np.repeat(h, k, axis=1),
                 "c": np.repeat(c, k, axis=1),
             }
-        logprobs, h, c = self._run_decoder(it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx, ctx["head"])
+        logprobs, h, c = self._run_decoder(it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx, ctx["topk"])
         return logprobs, {**ctx, "h": h, "c": c}
 
     @staticmethod
@@ -413,7 +404,7 @@ class Captioner:
             "mean_feats": ctx["mean_feats"][index],
             **{name: ctx[name][images] for name in MEMORY},
             "rows_per_memory": k,
-            "head": ctx["head"],
+            "topk": ctx["topk"],
         }
 
     def decode(
@@ -438,13 +429,13 @@ class Captioner:
         memory = {"att_values": values, "att_keys": keys, "att_masks": att_masks}
         is_greedy = beam_size == 1 and greedy_unk
         k = 1 if is_greedy else int(beam_size)
-        head = None
+        topk = None
         bad_endings = options.get("bad_ending_ids")
         if self.use_candidates and not options.get("block_trigrams") and (bad_endings is None or not len(bad_endings)):
-            # The search reads only each row's top-k words after the UNK penalty (greedy: no penalty).
-            suppress = options.get("suppress_unk", True) and not is_greedy
-            head = self._head(k, self.unk_id % (self.vocab_size + 1) if suppress else None)
-        ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1, "head": head}
+            # The search reads only each row's best words (k + 1 with the UNK penalty; greedy: 1, no penalty).
+            unk = None if is_greedy or not options.get("suppress_unk", True) else self.unk_id
+            topk = Candidates.needed(k, unk, self.vocab_size + 1)
+        ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1, "topk": topk}
         if k > 1:
             ctx["mean_feats"] = np.repeat(mean_feats, k, axis=0)
             if self.memory_per_image:

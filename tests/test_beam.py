@@ -652,3 +652,29 @@ def test_runtime_modules_import_only_numpy_and_the_stdlib():
             else:
                 continue
             assert roots <= allowed, f"{name} imports {roots - allowed}"
+
+
+def test_candidates_top_equals_the_full_search_ranking():
+    """Candidates.top from each row's k + 1 best words equals the top-k of the full log-probs after the UNK
+    penalty (values, ids, raw values), including rows where UNK is among the best, ties, and a tiny vocabulary
+    where every word is a candidate."""
+    from runtime.beam import Candidates
+
+    rng = np.random.default_rng(5)
+    for vocab1, k in ((30, 3), (30, 1), (4, 3), (3, 3)):
+        unk = vocab1 - 1
+        lp = -rng.integers(0, 6, (200, vocab1)).astype(np.float32) / 2  # many ties
+        lp[:50, unk] = 0.0  # UNK the best before its penalty
+        lp[50:60, unk] = lp[50:60].max(axis=1) - 0.5  # just behind the best
+        for penalised in (unk, None):
+            need = Candidates.needed(k, penalised, vocab1)
+            order = np.argsort(-lp, axis=1, kind="stable")[:, :need]
+            cands = Candidates(order, np.take_along_axis(lp, order, axis=1), vocab1)
+            full = lp.copy()
+            if penalised is not None:
+                full[:, penalised] -= np.float32(1000.0)
+            want_scores, want_ids = _topk(full.copy(), k)
+            scores, ids, raw = cands.top(k, penalised)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_array_equal(scores, want_scores)
+            np.testing.assert_array_equal(raw, np.take_along_axis(lp, want_ids, axis=1))

@@ -94,14 +94,12 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
                 ("att_values", "float32", ["images", 4, "regions", R // 4]),
                 ("att_keys", "float32", ["images", 4, "regions", R // 4]),
                 ("att_masks", "float32", ["images", "regions"]),
-                ("logprob_bias", "float32", [V + 1]),
                 ("topk", "int64", [1]),
             ],
             [
                 ("logprobs", "float32", ["batch", V + 1]),
                 ("next_state_h", "float32", [2, "batch", R]),
                 ("next_state_c", "float32", [2, "batch", R]),
-                ("cand_scores", "float32", ["batch", "k"]),
                 ("cand_logprobs", "float32", ["batch", "k"]),
                 ("cand_ids", "int64", ["batch", "k"]),
             ],
@@ -152,7 +150,6 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
         "logprobs",
         "next_state_h",
         "next_state_c",
-        "cand_scores",
         "cand_logprobs",
         "cand_ids",
     ]
@@ -220,9 +217,9 @@ def test_parity_report_within_tolerance(exported):
         report["max_abs_diff"][b]["logprobs"] for b in ("static", "onnx")
     )
     assert manifest["parity"]["max_abs_diff_logprobs"] == report["max_abs_diff_logprobs"]
-    # The decoder's candidate head equalled numpy's top-3 (UNK penalised) of its log-probs at every step and row.
+    # The decoder's candidate head equalled numpy's top-4 of its log-probs at every step and row.
     rows = sum(c["batch"] * c["beams"] for c in report["cases"]) * report["steps"]
-    assert report["candidates"] == {"k": 3, "rows": rows, "mismatched_rows": 0}
+    assert report["candidates"] == {"k": 4, "rows": rows, "mismatched_rows": 0}
     assert manifest["parity"]["candidates"] == report["candidates"]
 
 
@@ -444,43 +441,61 @@ def _log_softmax_graph(axes, sub_inputs=("x", "lse2")):
 
 
 def test_candidate_head_orders_like_a_stable_descending_sort():
-    """add_candidate_head on a graph whose only output is its input: onnxruntime's TopK + bias must give numpy's
-    stable descending order (ties to the lower id), the biased values and the raw values, for every k."""
+    """add_candidate_head on a graph whose output is its input behind paddle2onnx's Identity: onnxruntime's TopK
+    must give numpy's stable descending order (ties to the lower id) and the values, for every k; the Identity
+    in front of the output is bypassed (it would copy the log-probs at every step once the head reads them)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from export.onnx_convert import add_candidate_head
-    from runtime.beam import _topk
+    from export.onnx_convert import add_candidate_head, bypass_output_identities
 
     vocab1 = 12
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["logprobs"])],
+        [helper.make_node("Neg", ["x"], ["neg"]), helper.make_node("Identity", ["neg"], ["logprobs"])],
         "head",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", vocab1])],
         [helper.make_tensor_value_info("logprobs", TensorProto.FLOAT, ["batch", vocab1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert bypass_output_identities(model) == 1
+    assert [(n.op_type, list(n.output)) for n in model.graph.node] == [("Neg", ["logprobs"])]
     add_candidate_head(model)
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     lp = -rng.integers(0, 4, (64, vocab1)).astype(np.float32)  # many ties
     lp[0] = -2.0  # a row of equal values
-    lp[1, -1] = 0.0  # UNK the best before its penalty
-    bias = np.zeros(vocab1, np.float32)
-    bias[-1] = -1000.0
-    for k in (1, 3, vocab1):
-        ids, scores, raw = session.run(
-            ["cand_ids", "cand_scores", "cand_logprobs"], {"x": lp, "logprob_bias": bias, "topk": np.array([k])}
-        )
-        biased = lp + bias
-        want = np.argsort(-biased, axis=1, kind="stable")[:, :k]
+    (default,) = session.run(["cand_ids"], {"x": -lp})  # topk is optional: 1
+    np.testing.assert_array_equal(default[:, 0], lp.argmax(axis=1))
+    for k in (1, 4, vocab1):
+        ids, values = session.run(["cand_ids", "cand_logprobs"], {"x": -lp, "topk": np.array([k])})
+        want = np.argsort(-lp, axis=1, kind="stable")[:, :k]
         np.testing.assert_array_equal(ids, want)
-        np.testing.assert_array_equal(scores, np.take_along_axis(biased, want, axis=1))
-        np.testing.assert_array_equal(raw, np.take_along_axis(lp, want, axis=1))
-        np.testing.assert_array_equal(ids, _topk(biased, k)[1])  # the search's own top-k agrees
+        np.testing.assert_array_equal(values, np.take_along_axis(lp, want, axis=1))
     with pytest.raises(ExportError, match="no output 'logprobs'"):
         add_candidate_head(helper.make_model(helper.make_graph([], "empty", [], [])))
+
+
+def test_bypass_output_identities_keeps_what_it_must():
+    """An Identity of a graph input, of an output that has other consumers, or of another output stays."""
+    from onnx import TensorProto, helper
+
+    from export.onnx_convert import bypass_output_identities
+
+    def value(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [2])
+
+    nodes = [
+        helper.make_node("Identity", ["x"], ["a"]),  # passes a graph input through
+        helper.make_node("Neg", ["x"], ["n"]),
+        helper.make_node("Identity", ["n"], ["b"]),  # n is also read by Abs
+        helper.make_node("Abs", ["n"], ["c"]),
+        helper.make_node("Identity", ["c"], ["d"]),  # c is a graph output itself
+    ]
+    graph = helper.make_graph(nodes, "g", [value("x")], [value(o) for o in "abcd"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert bypass_output_identities(model) == 0
+    assert len(model.graph.node) == 5
 
 
 def test_fuse_log_softmax_rewrites_only_the_exact_pattern():

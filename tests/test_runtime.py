@@ -180,29 +180,27 @@ def test_candidate_head_gives_the_same_results_as_the_log_probs(captioner):
     assert fetched and all("logprobs" in names and "cand_ids" not in names for names in fetched)
 
 
-def test_beam_search_refuses_candidates_that_cannot_stand_for_the_log_probs(captioner):
+def test_beam_search_refuses_candidates_that_cannot_stand_for_the_log_probs():
     from runtime.beam import Candidates, beam_search, greedy
 
-    def step_with(unk, k=3):
+    def step_with(k):
         def step(it, ctx):
             lp = np.log(np.full((it.size, V + 1), 1.0 / (V + 1), np.float32))
-            ids = np.tile(np.arange(k), (it.size, 1))
-            return Candidates(ids, lp[:, :k], lp[:, :k], unk, V + 1), ctx
+            return Candidates(np.tile(np.arange(k), (it.size, 1)), lp[:, :k], V + 1), ctx
 
         return step
 
     def search(step, **kw):
         return beam_search(step, lambda c, i: c, None, None, 2, 3, max_length=4, unk_idx=V, **kw)
 
-    assert search(step_with(V)).seqs.shape == (2, 4)  # the right penalty and enough words: accepted
-    with pytest.raises(ValueError, match="penalise UNK id None, the search wants 40"):
-        search(step_with(None))
-    with pytest.raises(ValueError, match="hold 2 words per row, the search needs 3"):
-        search(step_with(V, k=2))
+    assert search(step_with(4)).seqs.shape == (2, 4)  # K + 1 words with the UNK penalty: enough
+    assert search(step_with(3), suppress_unk=False).seqs.shape == (2, 4)  # K without it
+    with pytest.raises(ValueError, match="hold 3 words per row, the search needs 4"):
+        search(step_with(3))
     with pytest.raises(ValueError, match="need the full log-probs"):
-        search(step_with(V), block_trigrams=True)
-    with pytest.raises(ValueError, match="penalise UNK id 40, the search wants None"):
-        greedy(step_with(V), None, 2, max_length=3)
+        search(step_with(4), block_trigrams=True)
+    with pytest.raises(ValueError, match="need the full log-probs"):
+        greedy(step_with(1), None, 2, max_length=3, bad_ending_ids=[3])
 
 
 def test_parity_with_the_optional_constraints(model, captioner):
