@@ -14,7 +14,9 @@ plus the FLOPs per image (matmul FLOPs of the encoder and of every decoder row-s
 shapes), the machine's measured fp32 matmul rate (numpy and an onnxruntime MatMul, 1024x1024 @ 1024x4096,
 best of several, same thread count) and the roofline fraction = achieved FLOP/s of onnxruntime batched / that
 rate. Also sweeps the onnxruntime session options (intra-op threads x spinning). Every timing is the best of
-``--repeats`` runs (the machine may be shared). Writes artifacts/bench/infer.json and prints a table.
+``--repeats`` runs (the machine may be shared). Then the speed-ups over the dynamic graph again, interleaved:
+``--rounds`` rounds each running every backend once, a ratio per round (median and range), so that a drift of the
+machine's speed between phases cannot bias them. Writes artifacts/bench/infer.json and prints a table.
 
     python scripts/bench_infer.py [--images 100] [--work /tmp/aoanet-bench-infer] [--repeats 2]
 """
@@ -112,6 +114,31 @@ def best_of(fn, repeats: int):
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+def interleave(contenders: dict, rounds: int, images: int) -> dict:
+    """Run every contender once per round, the order rotating, and take each round's ratio of images/s to the
+    first contender (the baseline): medians and ranges over the rounds."""
+    names = list(contenders)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t)
+    base = names[0]
+    ratios = {
+        name: [b / t for b, t in zip(times[base], times[name], strict=True)] for name in names[1:]
+    }
+    return {
+        "rounds": rounds,
+        "baseline": base,
+        "images_per_s_median": {name: images / float(np.median(times[name])) for name in names},
+        "speedup_vs_paddle_eager": {
+            name: {"median": float(np.median(v)), "min": min(v), "max": max(v), "rounds": v}
+            for name, v in ratios.items()
+        },
+    }
 
 
 def matmul_rates(threads: int, repeats: int = 10) -> dict:
@@ -226,6 +253,7 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved speed-up measurement")
     p.add_argument("--sweep-images", type=int, default=50, help="images per session-option setting (0: skip)")
     p.add_argument("--work", type=Path, default=Path("/tmp/aoanet-bench-infer"))
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "infer.json")
@@ -300,13 +328,12 @@ def main() -> int:
     onnx_out, stats, enc_flops, dec_flops, results["onnxruntime_batched"] = instrumented(captioner)
     flops_per_image = (enc_flops + dec_flops) / args.images
     print(f"onnxruntime batched: {results['onnxruntime_batched']}", flush=True)
-    int8_out, _, _, _, results["onnxruntime_int8_batched"] = instrumented(
-        Captioner.from_dir(export_dir, threads=args.threads, precision="int8")
-    )
+    int8_captioner = Captioner.from_dir(export_dir, threads=args.threads, precision="int8")
+    int8_out, _, _, _, results["onnxruntime_int8_batched"] = instrumented(int8_captioner)
     print(f"onnxruntime int8 batched: {results['onnxruntime_int8_batched']}", flush=True)
     # several batches at once on worker threads, threads // streams intra-op threads each (Captioner streams)
     streams = max(2, args.threads)
-    streamed_out = {}
+    streamed_out, streams_captioners = {}, {}
     for precision, name in (("fp32", "onnxruntime_streams"), ("int8", "onnxruntime_int8_streams")):
         threads = max(1, args.threads // streams)
         c = Captioner.from_dir(export_dir, precision=precision, streams=streams, threads=threads)
@@ -315,6 +342,7 @@ def main() -> int:
             lambda c=c: c.caption(feats, beam_size=k, max_length=length, batch_size=bs), args.repeats
         )
         results[name] = {"images_per_s": args.images / t, "seconds": t, "streams": streams}
+        streams_captioners[precision] = c
         print(f"onnxruntime {precision}, {streams} streams: {args.images / t:.2f} images/s", flush=True)
     step_cost = decoder_step_cost(captioner.decoder.session, bs * k, k, o["rnn_size"], o["num_heads"], args.repeats)
     print(f"decoder run over {bs * k} rows: {step_cost}", flush=True)
@@ -381,7 +409,28 @@ def main() -> int:
     results["paddle_eager_per_image"] = {"images_per_s": n1 / t, "seconds": t, "images": n1}
     print(f"paddle dynamic graph, one image at a time: {n1 / t:.2f} images/s", flush=True)
 
-    # 8. summary
+    # 8. the speed-ups again, interleaved: each round runs every backend once (in a rotating order), and each
+    # round gives its own ratios to the dynamic graph, so that the machine's drift between the phases above (the
+    # load of a shared host changes over minutes) cannot bias a ratio.
+    contenders = {
+        "paddle_eager": eager,
+        "onnxruntime_batched": lambda: captioner.caption(feats, beam_size=k, max_length=length, batch_size=bs),
+        "onnxruntime_int8_batched": lambda c=int8_captioner: c.caption(
+            feats, beam_size=k, max_length=length, batch_size=bs
+        ),
+        "onnxruntime_int8_streams": lambda c=streams_captioners["int8"]: c.caption(
+            feats, beam_size=k, max_length=length, batch_size=bs
+        ),
+    }
+    interleaved = interleave(contenders, args.rounds, args.images)
+    for name, row in interleaved["speedup_vs_paddle_eager"].items():
+        print(
+            f"interleaved x{args.rounds}: {name} median {row['median']:.2f}x the dynamic graph "
+            f"(rounds {row['min']:.2f}-{row['max']:.2f})",
+            flush=True,
+        )
+
+    # 9. summary
     achieved = flops_per_image * results["onnxruntime_batched"]["images_per_s"]
     report = {
         "machine": {
@@ -435,6 +484,7 @@ def main() -> int:
             results[n]["images_per_s"] for n in ("onnxruntime_int8_batched", "onnxruntime_int8_streams")
         )
         / results["paddle_eager"]["images_per_s"],
+        "interleaved": interleaved,
         "targets": {"speedup_onnx_vs_paddle_eager": 10.0, "roofline_fraction": 0.6},
         "same_captions": {
             "paddle_static_vs_onnx": bool(np.array_equal(static_out.seqs, onnx_out.seqs)),
