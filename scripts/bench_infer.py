@@ -414,9 +414,10 @@ def main() -> int:
             flush=True,
         )
 
-    # 8. Paddle static graph (paddle.inference) through the same captioner code. Last: once a paddle.inference
-    # predictor has run in a process, Paddle's dynamic graph runs ~35% slower in it (measured: 15.1 -> 9.5-9.9
-    # images/s), which would flatter every ratio to the dynamic graph.
+    # 8. Paddle static graph (paddle.inference) through the same captioner code. Last: running a paddle.inference
+    # predictor leaves the process's math library on 1 thread, and the dynamic graph then runs ~35% slower
+    # (measured: 15.1 -> 9.5-9.9 images/s; paddle.base.core.set_num_threads restores it), which would flatter every
+    # ratio to the dynamic graph.
     from export.static import DECODER_OUTPUTS, ENCODER_OUTPUTS, StaticFiles
 
     static_files = {
