@@ -11,8 +11,8 @@ from aoanet.model import AoAModel
 from export.errors import ExportError
 from runtime.captioner import MANIFEST, MODEL_FILES
 
-# 3: the decoder also has the candidate head (inputs logprob_bias and topk; outputs cand_scores, cand_logprobs,
-# cand_ids: export.onnx_convert.add_candidate_head).
+# 3: the decoder also has the candidate head (optional input topk; outputs cand_logprobs, cand_ids:
+# export.onnx_convert.add_candidate_head).
 # 2: the encoder also outputs att_values/att_keys (head layout), which the decoder takes instead of p_att_feats,
 # a row per image (1: p_att_feats, a row per decoder row).
 FORMAT_VERSION = 3
