@@ -154,14 +154,10 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
     if fused:
         log.info("%s: %d x - ReduceLogSumExp(x) fused into LogSoftmax", onnx_path.name, fused)
     bypass_output_identities(model)
-    for spec, value in zip(
-        traced_inputs + traced_outputs, list(model.graph.input) + list(model.graph.output), strict=True
-    ):
-        _set_shape(value, spec)
     if len(traced_outputs) < len(outputs):
         add_candidate_head(model)
-        for spec, value in zip(inputs + outputs, list(model.graph.input) + list(model.graph.output), strict=True):
-            _set_shape(value, spec)
+    for spec, value in zip(inputs + outputs, list(model.graph.input) + list(model.graph.output), strict=True):
+        _set_shape(value, spec)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:

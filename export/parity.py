@@ -23,7 +23,7 @@ import numpy as np
 import paddle
 
 from aoanet.model import AoAModel
-from export.static import StaticFiles, StaticPredictor
+from export.static import DECODER_OUTPUTS, ENCODER_OUTPUTS, StaticFiles, StaticPredictor
 
 LOGPROB_TOLERANCE = 1e-4
 STEPS = 20
@@ -54,8 +54,7 @@ DEFAULT_CASES = (
     Case(4, 12, True, beams=3),
 )
 
-ENCODER_OUTPUTS = ("mean_feats", "p_att_feats", "att_values", "att_keys")
-OUTPUTS = (*ENCODER_OUTPUTS, "logprobs", "next_state_h", "next_state_c")
+OUTPUTS = (*ENCODER_OUTPUTS, *DECODER_OUTPUTS)
 BACKENDS = ("static", "onnx")
 
 
@@ -139,7 +138,7 @@ class OnnxBackend:
         return tuple(self.encoder.run(list(ENCODER_OUTPUTS), {"att_feats": feats, "att_masks": masks}))
 
     def step(self, it, h, c, mean, encoded, masks):
-        outputs = ["logprobs", "next_state_h", "next_state_c"]
+        outputs = list(DECODER_OUTPUTS)
         feeds = decoder_feeds(it, h, c, mean, encoded, masks)
         if not self.head:
             return tuple(self.decoder.run(outputs, feeds))
@@ -189,9 +188,7 @@ def compare(reference, backends: dict, case: Case, feats, masks, steps: int = ST
             enc = encs[name]
             lp, h, c = backend.step(it, *states[name], np.repeat(enc[0], k, axis=0), enc, masks)
             states[name] = (h, c)
-            for output, a, b in zip(
-                ("logprobs", "next_state_h", "next_state_c"), (lp, h, c), (ref_lp, *ref_state), strict=True
-            ):
+            for output, a, b in zip(DECODER_OUTPUTS, (lp, h, c), (ref_lp, *ref_state), strict=True):
                 record(name, output, a, b)
             agree[name] += int((lp.argmax(axis=1) == ref_lp.argmax(axis=1)).sum())
         it = np.argsort(-ref_lp, axis=1, kind="stable")[np.arange(rows), rank].astype(np.int64)
