@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Candidates", "DecodeResult", "beam_search", "greedy", "length_penalty_fn"]
+__all__ = ["Candidates", "DecodeResult", "beam_search", "greedy", "is_greedy", "length_penalty_fn", "search"]
 
 UNK_PENALTY = 1000.0
 # Running sum given to a beam once it is finished, so that it stops being continued in practice.
@@ -40,6 +40,9 @@ FINISHED_SUM = -1000.0
 # block_trigrams: the reference adds ln(1/2) * alpha (alpha = 2, ln(1/2) written as -0.693) per earlier
 # occurrence of the trigram.
 TRIGRAM_PENALTY = -0.693 * 2.0
+
+# The options greedy decoding has (beam search has these and more: length_penalty, early_stop, suppress_unk).
+GREEDY_OPTIONS = ("block_trigrams", "bad_ending_ids")
 
 Step = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
 Gather = Callable[[Any, np.ndarray], Any]
@@ -415,3 +418,32 @@ def greedy(
             alive = np.ones(live.size, dtype=bool)
         it = np.where(alive, words, 0)
     return DecodeResult(seqs=seqs, scores=scores, logprobs=seq_lp, n_steps=n_steps)
+
+
+def is_greedy(beam_size: int, greedy_unk: bool = True) -> bool:
+    """Beam size 1 with ``greedy_unk`` decodes greedily (the reference's ``_sample``: no UNK suppression);
+    without it, a beam search of one beam."""
+    return beam_size == 1 and bool(greedy_unk)
+
+
+def search(
+    step: Step,
+    reorder: Gather,
+    keep: Gather | None,
+    ctx: Any,
+    batch_size: int,
+    beam_size: int,
+    max_length: int = 20,
+    greedy_unk: bool = True,
+    unk_idx: int | None = None,
+    **options,
+) -> DecodeResult:
+    """What both backends' ``decode`` run: ``greedy`` when ``is_greedy(beam_size, greedy_unk)`` (given only the
+    GREEDY_OPTIONS among ``options``), else ``beam_search``. ``ctx`` must already have 1 row per image for greedy,
+    ``beam_size`` for beam search."""
+    if is_greedy(beam_size, greedy_unk):
+        chosen = {name: value for name, value in options.items() if name in GREEDY_OPTIONS}
+        return greedy(step, ctx, batch_size, max_length=max_length, keep=keep, **chosen)
+    return beam_search(
+        step, reorder, keep, ctx, batch_size, beam_size, max_length=max_length, unk_idx=unk_idx, **options
+    )

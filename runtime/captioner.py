@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.beam import Candidates, DecodeResult, beam_search, greedy
+from runtime.beam import Candidates, DecodeResult, is_greedy, search
 from runtime.features import FeatureError, batch_plan, pad_batch
 from runtime.vocab import bad_ending_ids, decode_sequence
 
@@ -427,13 +427,13 @@ class Captioner:
         att_masks = np.ascontiguousarray(att_masks, dtype=np.float32)
         mean_feats, values, keys = self.encode(att_feats, att_masks)
         memory = {"att_values": values, "att_keys": keys, "att_masks": att_masks}
-        is_greedy = beam_size == 1 and greedy_unk
-        k = 1 if is_greedy else int(beam_size)
+        greedy = is_greedy(beam_size, greedy_unk)
+        k = 1 if greedy else int(beam_size)
         topk = None
         bad_endings = options.get("bad_ending_ids")
         if self.use_candidates and not options.get("block_trigrams") and (bad_endings is None or not len(bad_endings)):
             # The search reads only each row's best words (k + 1 with the UNK penalty; greedy: 1, no penalty).
-            unk = None if is_greedy or not options.get("suppress_unk", True) else self.unk_id
+            unk = None if greedy or not options.get("suppress_unk", True) else self.unk_id
             topk = Candidates.needed(k, unk, self.vocab_size + 1)
         ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1, "topk": topk}
         if k > 1:
@@ -444,17 +444,15 @@ class Captioner:
                 ctx.update({name: np.repeat(x, k, axis=0) for name, x in memory.items()})
             ctx["bos"] = (k, mean_feats, memory)
         ctx["h"] = ctx["c"] = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
-        if is_greedy:
-            greedy_options = {n: v for n, v in options.items() if n in ("block_trigrams", "bad_ending_ids")}
-            return greedy(self._step, ctx, batch, max_length=max_length, keep=self._keep, **greedy_options)
-        return beam_search(
+        return search(
             self._step,
             self._reorder,
             self._keep,
             ctx,
             batch,
-            k,
+            beam_size,
             max_length=max_length,
+            greedy_unk=greedy_unk,
             unk_idx=self.unk_id,
             **options,
         )
@@ -491,11 +489,15 @@ class Captioner:
         seqs = np.zeros((n_images, max_length), dtype=np.int64)
         scores = np.zeros(n_images, dtype=np.float64)
         logprobs = np.zeros((n_images, max_length), dtype=np.float32)
-        options = {"block_trigrams": block_trigrams}
+        # (greedy decoding takes only the options it has: runtime.beam.search)
+        options = dict(
+            block_trigrams=block_trigrams,
+            length_penalty=length_penalty,
+            early_stop=early_stop,
+            suppress_unk=suppress_unk,
+        )
         if remove_bad_endings:
             options["bad_ending_ids"] = self._bad_ending_ids
-        if not (beam_size == 1 and greedy_unk):
-            options.update(length_penalty=length_penalty, early_stop=early_stop, suppress_unk=suppress_unk)
 
         def decode(batch):
             _, feats, masks = batch

@@ -336,6 +336,26 @@ def test_greedy_keep_drops_finished_rows():
     assert model.calls == [int((steps_per_row > t).sum()) for t in range(res.n_steps)]
 
 
+def test_search_dispatches_greedy_or_beam_with_their_own_options():
+    """search: beam 1 with greedy_unk is greedy (beam-only options dropped, greedy's kept); beam 1 without it is a
+    one-beam search (which suppresses UNK, unlike greedy: the model here loves UNK)."""
+    from runtime.beam import search
+
+    model = ToyRNN(**MODELS["peaky"], unk_bias=3.0)
+    feats = model.images(6, seed=3)
+    beam_only = dict(length_penalty="wu_0.7", early_stop=False, suppress_unk=True)
+    for block in (False, True):
+        got = search(model.step, reorder_dict, keep_dict, model.init(feats), 6, 1, 15, True, None,
+                     block_trigrams=block, **beam_only)
+        want = greedy(model.step, model.init(feats), 6, max_length=15, keep=keep_dict, block_trigrams=block)
+        np.testing.assert_array_equal(got.seqs, want.seqs)
+        np.testing.assert_array_equal(got.scores, want.scores)
+    assert np.any(got.seqs == model.vocab1 - 1)  # greedy emits UNK here
+    one_beam = search(model.step, reorder_dict, keep_dict, model.init(feats, 1), 6, 1, 15, False, None, **beam_only)
+    np.testing.assert_array_equal(one_beam.seqs, run_beam(model, feats, 1, max_length=15, **beam_only).seqs)
+    assert not np.any(one_beam.seqs == model.vocab1 - 1)
+
+
 def test_beam_1_equals_greedy_when_unk_is_never_argmax():
     model = ToyRNN(**MODELS["smooth"], unk_bias=-30.0)
     feats = model.images(8, seed=4)

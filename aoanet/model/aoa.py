@@ -206,13 +206,13 @@ class AoAModel(nn.Layer):
         The search semantics are the authors' (§4.2); the same code drives the onnxruntime backend, so both give
         the same captions. ``options``: length_penalty, block_trigrams, bad_ending_ids, early_stop.
         """
-        from runtime.beam import beam_search, greedy
+        from runtime.beam import is_greedy, search
 
         mean_feats, p_att_feats = self.encode(att_feats, att_masks)
         batch = mean_feats.shape[0]
         if att_masks is None:
             att_masks = paddle.ones(p_att_feats.shape[:2], dtype=p_att_feats.dtype)
-        k = 1 if (beam_size == 1 and greedy_unk) else beam_size
+        k = 1 if is_greedy(beam_size, greedy_unk) else beam_size
         h, c = self.init_state(batch * k, mean_feats.dtype)
         # Keys/values in head layout and the mask bias are made once, a row per image shared by its k beams
         # (as the exported decoder takes them); the rows are image-major.
@@ -253,11 +253,17 @@ class AoAModel(nn.Layer):
                 c=paddle.gather(ctx["c"], index, axis=1),
             )
 
-        if k == 1 and greedy_unk:
-            greedy_options = {n: v for n, v in options.items() if n in ("block_trigrams", "bad_ending_ids")}
-            return greedy(step, ctx, batch, max_length=max_length, keep=keep, **greedy_options)
-        return beam_search(
-            step, reorder, keep, ctx, batch, beam_size, max_length=max_length, unk_idx=self.unk_idx, **options
+        return search(
+            step,
+            reorder,
+            keep,
+            ctx,
+            batch,
+            beam_size,
+            max_length=max_length,
+            greedy_unk=greedy_unk,
+            unk_idx=self.unk_idx,
+            **options,
         )
 
     def generate(
