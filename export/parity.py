@@ -116,10 +116,14 @@ class StaticBackend:
 def onnx_session(path: Path, threads: int = 1):
     import onnxruntime as ort
 
+    from runtime.captioner import INT8_PRECISION_OPTION
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # as the runtime runs them: int8 graphs without u8 x s8 saturation on x86 CPUs without VNNI
+    options.add_session_config_entry(*INT8_PRECISION_OPTION)
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,7 +57,19 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # search bookkeeping, other sessions and other processes need between runs.
 DEFAULT_SPINNING = False
 
+# The int8 graphs on x86 CPUs without VNNI (AVX2, or AVX-512 without VNNI): there onnxruntime's u8 x s8 kernel
+# adds pairs of products in 16 bits, which saturate when both factors are large, and captions drift far from
+# fp32's. With this session option onnxruntime converts the int8 weights to uint8 when the session is created and
+# runs its u8 x u8 kernel, which does not saturate; it does so only on such CPUs (onnxruntime checks the CPU: with
+# VNNI, and on other architectures, nothing changes) and only for quantized weights (the fp32 graphs are unchanged).
+# Measured on the 2-core AMD EPYC 7002 (Zen 2, AVX2, no VNNI) here, int8 captions equal to fp32's: full-size model,
+# 100 images, beam 3: 55% -> 88% (same speed, 23-24 images/s); the test model: 20% -> 72%.
+INT8_PRECISION_OPTION = ("session.x64quantprecision", "1")
+# x86 instruction sets with int8 dot products (/proc/cpuinfo flags): what makes the int8 graphs fast.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
 _notified_cpu = False
+_notified_int8 = False
 
 
 class ExportDirError(RuntimeError):
@@ -153,8 +166,39 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     spin = DEFAULT_SPINNING if spinning is None else bool(spinning)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry(*INT8_PRECISION_OPTION)
     options.log_severity_level = 3  # errors only
     return options
+
+
+def _notify_slow_int8() -> None:
+    """A one-line notice (once per process) when the int8 graphs run on an x86 CPU without VNNI."""
+    global _notified_int8
+    if _notified_int8 or cpu_has_int8_dot() is not False:
+        return
+    _notified_int8 = True
+    log.warning(
+        "aoanet runtime: this CPU has no int8 dot-product instructions (VNNI): the int8 graphs gain little over "
+        "fp32 here (measured on an AVX2 AMD Zen 2: 1.2x, vs 3.3x with VNNI) and their captions may differ"
+    )
+
+
+def cpu_has_int8_dot(cpuinfo: str | None = None) -> bool | None:
+    """Has this x86 CPU int8 dot-product instructions (VNNI)? None when unknown (not x86, no /proc/cpuinfo).
+
+    ``cpuinfo``: the text of /proc/cpuinfo (read when None)."""
+    if cpuinfo is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+            return None
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return any(flag in flags for flag in INT8_DOT_FLAGS)
+    return None
 
 
 def choose_providers(providers: Sequence[str] | None) -> list[str]:
@@ -277,6 +321,8 @@ class Captioner:
                 raise ExportDirError(f"{export_dir / name}: onnxruntime cannot load it ({e})") from None
         if CUDA in providers and CUDA not in sessions[1].get_providers():
             log.warning("aoanet runtime: CUDAExecutionProvider could not be initialised, running on the CPU")
+        if precision == "int8" and CUDA not in sessions[1].get_providers():
+            _notify_slow_int8()
         captioner = cls(sessions[0], sessions[1], manifest)
         captioner.export_dir = export_dir
         captioner.precision = precision
