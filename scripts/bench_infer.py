@@ -107,6 +107,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> dict:
+    """The CPU's vector instruction sets that decide the fp32 and int8 rates (/proc/cpuinfo), and its family/model."""
+    from runtime.captioner import INT8_DOT_FLAGS
+
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("cpu family", "model") and key not in info:
+                info[key] = value
+            if key == "flags":
+                flags = set(value.split())
+                info["flags"] = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", *INT8_DOT_FLAGS))
+                break
+    except OSError:
+        pass
+    return info
+
+
 def best_of(fn, repeats: int):
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -183,6 +202,7 @@ def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int) -> f
     import onnxruntime as ort
 
     from export import quantize
+    from runtime.captioner import INT8_PRECISION_OPTION
 
     with tempfile.TemporaryDirectory() as work:
         src, dst = Path(work) / "matmul.onnx", Path(work) / "matmul.int8.onnx"
@@ -191,6 +211,7 @@ def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int) -> f
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry(*INT8_PRECISION_OPTION)  # as the runtime runs the int8 graphs
         session = ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
     session.run(None, {"A": a})
     t, _ = best_of(lambda: session.run(None, {"A": a}), repeats)
@@ -436,6 +457,7 @@ def main() -> int:
     report = {
         "machine": {
             "cpu": cpu_name(),
+            "isa": cpu_isa(),
             "cpus": os.cpu_count(),
             "threads": args.threads,
             "load_average_after": os.getloadavg(),
