@@ -229,8 +229,15 @@ def measure(fp32_files: dict, int8_files: dict, att_feat_size: int, threads: int
         )
     rows = [case.rows * parity.STEPS for case in parity.DEFAULT_CASES]
     agreeing = sum(r["argmax_agreement"]["int8"] * n for r, n in zip(results, rows, strict=True))
+    from runtime.captioner import INT8_PRECISION_OPTION, cpu_has_int8_dot
+
     return {
         "reference": "the fp32 ONNX graphs (onnxruntime)",
+        # int8 kernels differ by CPU: the figures below hold for the one they were measured on
+        "measured_on": {
+            "cpu_int8_dot_product": cpu_has_int8_dot(),  # x86 VNNI; None: unknown (not x86)
+            "session_options": dict([INT8_PRECISION_OPTION]),
+        },
         "steps": parity.STEPS,
         "cases": [[c.batch, c.regions] for c in parity.DEFAULT_CASES],
         "max_abs_diff_logprobs": diffs["logprobs"],

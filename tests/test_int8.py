@@ -108,6 +108,10 @@ def test_int8_files_are_hashed_in_the_manifest(exported):
     # there without the runtime's INT8_PRECISION_OPTION: u8 x s8 saturation).
     assert 0 < q["max_abs_diff_logprobs"] < 0.5 and q["max_abs_diff"]["logprobs"] == q["max_abs_diff_logprobs"]
     assert all(np.isfinite(v) for v in q["max_abs_diff"].values())
+    assert q["measured_on"] == {
+        "cpu_int8_dot_product": cpu_has_int8_dot(),
+        "session_options": {"session.x64quantprecision": "1"},
+    }
     assert q["argmax_agreement"] >= 0.9 and q["min_argmax_agreement"] <= q["argmax_agreement"]
     # the int8 decoder's candidate head equals numpy's top-k of its own log-probs at every step
     assert q["candidates"]["rows"] > 0 and q["candidates"]["mismatched_rows"] == 0
