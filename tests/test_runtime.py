@@ -7,6 +7,7 @@ search's early stop and row dropping), exported once for the module.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import shutil
@@ -142,6 +143,45 @@ def test_memory_per_image_equals_memory_per_row(captioner):
         np.testing.assert_array_equal(a.seqs, b.seqs)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
         assert a.n_steps == b.n_steps
+
+
+def test_memory_on_the_device_gives_the_same_results(captioner):
+    """device_memory (the memory held as OrtValues on the decoder's device, re-sent when finished images are
+    dropped; the default on CUDA) gives the same results as host feeds, here on the CPU; every decoder run took
+    the OrtValues."""
+    assert not captioner.device_memory  # the CPU default
+    bound = Captioner(captioner.encoder, captioner.decoder, captioner.manifest)
+    calls = collections.Counter()
+
+    class Spy:  # counts the two ways of running the decoder
+        def __getattr__(self, name):
+            if name in ("run", "run_with_ort_values"):
+                calls[name] += 1
+            return getattr(captioner.decoder, name)
+
+    bound.decoder, bound.device_memory = Spy(), True
+    to_device = bound._to_device
+
+    def counted(memory):
+        calls["to_device"] += 1
+        return to_device(memory)
+
+    bound._to_device = counted
+    feats, masks = random_batch(4)
+    for beam_size, options in [(1, {}), (2, {}), (3, {}), (3, {"block_trigrams": True}), (2, {"early_stop": False})]:
+        calls.clear()
+        a = captioner.decode(feats, masks, beam_size, **options)
+        b = bound.decode(feats, masks, beam_size, **options)
+        np.testing.assert_array_equal(a.seqs, b.seqs)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+        assert a.n_steps == b.n_steps and calls["run_with_ort_values"] == b.n_steps and not calls["run"], calls
+        if beam_size == 1:  # greedy drops each image as it ends: the memory was sent again, with fewer images
+            assert calls["to_device"] > 1 and len(set((a.seqs > 0).sum(axis=1).tolist())) > 1
+    # with memory per row too (rows_per_memory 1: the kept rows are the memory's rows)
+    bound.memory_per_image = False
+    b = bound.decode(feats, masks, 3)
+    np.testing.assert_array_equal(captioner.decode(feats, masks, 3).seqs, b.seqs)
 
 
 def test_candidate_head_gives_the_same_results_as_the_log_probs(captioner):
