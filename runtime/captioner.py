@@ -179,7 +179,7 @@ def _notify_slow_int8() -> None:
     _notified_int8 = True
     log.warning(
         "aoanet runtime: this CPU has no int8 dot-product instructions (VNNI): the int8 graphs gain little over "
-        "fp32 here (measured on an AVX2 AMD Zen 2: 1.2x, vs 3.3x with VNNI) and their captions may differ"
+        "fp32 here (measured on an AVX2 AMD Zen 2: 1.1-1.25x, vs 3.3x with VNNI) and their captions may differ"
     )
 
 
