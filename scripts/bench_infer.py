@@ -178,7 +178,7 @@ def matmul_rates(threads: int, repeats: int = 10) -> dict:
         [helper.make_tensor_value_info("C", TensorProto.FLOAT, [None, 4096])],
         initializer=[numpy_helper.from_array(b, "B")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     out = {"numpy_gflops": flops / t_np / 1e9}
     for spin in ("0", "1"):
         options = ort.SessionOptions()

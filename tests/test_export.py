@@ -437,7 +437,7 @@ def _log_softmax_graph(axes, sub_inputs=("x", "lse2")):
         [h.make_tensor_value_info("x0", onnx.TensorProto.FLOAT, ["batch", 7])],
         [h.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", 7])],
     )
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
 def test_candidate_head_orders_like_a_stable_descending_sort():
@@ -456,7 +456,7 @@ def test_candidate_head_orders_like_a_stable_descending_sort():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", vocab1])],
         [helper.make_tensor_value_info("logprobs", TensorProto.FLOAT, ["batch", vocab1])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert bypass_output_identities(model) == 1
     assert [(n.op_type, list(n.output)) for n in model.graph.node] == [("Neg", ["logprobs"])]
     add_candidate_head(model)
@@ -493,7 +493,7 @@ def test_bypass_output_identities_keeps_what_it_must():
         helper.make_node("Identity", ["c"], ["d"]),  # c is a graph output itself
     ]
     graph = helper.make_graph(nodes, "g", [value("x")], [value(o) for o in "abcd"])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert bypass_output_identities(model) == 0
     assert len(model.graph.node) == 5
 

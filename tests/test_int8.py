@@ -210,7 +210,7 @@ def _tiny_graph(weight_as_constant: bool) -> onnx.ModelProto:
     else:
         inputs.append(h.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [16, 8]))
     nodes.append(h.make_node("MatMul", ["x", "w"], ["y"]))
-    return h.make_model(h.make_graph(nodes, "g", inputs, [y]), opset_imports=[h.make_opsetid("", 17)])
+    return h.make_model(h.make_graph(nodes, "g", inputs, [y]), opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
 def test_quantize_folds_constant_weights_and_fails_when_nothing_is_quantized(tmp_path):
@@ -249,7 +249,7 @@ def _int8_matmul_graph(w: np.ndarray) -> bytes:
         [h.make_tensor_value_info("y", T.FLOAT, ["rows", n])],
         init,
     )
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
 def test_runtime_int8_products_are_exact_where_u8_s8_would_saturate():
