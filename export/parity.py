@@ -114,18 +114,13 @@ class StaticBackend:
 
 
 def onnx_session(path: Path, threads: int = 1):
+    """A CPU session with the runtime's own session options, so the graphs are checked as the runtime runs them
+    (among them: int8 without u8 x s8 saturation on x86 CPUs without VNNI)."""
     import onnxruntime as ort
 
-    from runtime.captioner import INT8_PRECISION_OPTION
+    from runtime.captioner import CPU, session_options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # as the runtime runs them: int8 graphs without u8 x s8 saturation on x86 CPUs without VNNI
-    options.add_session_config_entry(*INT8_PRECISION_OPTION)
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=[CPU])
 
 
 class OnnxBackend:

@@ -202,16 +202,14 @@ def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int) -> f
     import onnxruntime as ort
 
     from export import quantize
-    from runtime.captioner import INT8_PRECISION_OPTION
+    from runtime.captioner import session_options
 
     with tempfile.TemporaryDirectory() as work:
         src, dst = Path(work) / "matmul.onnx", Path(work) / "matmul.int8.onnx"
         onnx.save(fp32_model, str(src))
         quantize.quantize_file(src, dst)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry(*INT8_PRECISION_OPTION)  # as the runtime runs the int8 graphs
+        # as the runtime runs the int8 graphs (spinning off; int8 without u8 x s8 saturation on CPUs without VNNI)
+        options = session_options(threads, spinning=False)
         session = ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
     session.run(None, {"A": a})
     t, _ = best_of(lambda: session.run(None, {"A": a}), repeats)
