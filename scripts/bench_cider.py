@@ -1,7 +1,8 @@
 """Benchmark: aoanet.metrics.cider.CiderD against a straightforward per-caption CIDEr-D, side by side.
 
-Workload (real COCO captions, captions_val2017.json): for each of the 5,000 images, its first 5 captions are
-the candidates and all of its captions (5-7) the references -- 25,000 candidates, 5 per image, like SCST's 5
+Workload (real COCO captions; ``--captions`` a COCO caption file, e.g. the official captions_val2017.json, default
+the 500-image subset of tests/data): for each image, its first 5 captions are the candidates and all of its
+captions the references (for the full val2017 file: 25,000 candidates, 5 per image), like SCST's 5
 samples per image. Document frequencies come from the same references (corpus mode). Run twice: with the
 captions as token ids ending in the EOS 0 (what the SCST trainer passes; the headline number) and as words.
 Also timed: SCST-sized calls of 10 images x (5 samples + 1 greedy) = 60 candidates.
@@ -26,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "coco" / "captions_val2017.json"
+DEFAULT_CAPTIONS = REPO / "tests" / "data" / "captions_val2017_500.json"
 DEFAULT_OUT = REPO / "artifacts" / "bench" / "cider.json"
 
 

@@ -1,8 +1,8 @@
 """Benchmark of the data pipeline: `prepro` at full COCO size, the loader's batch rate at full feature size.
 
 1. prepro on a full-size dataset_coco.json: 123,287 images x 5 captions in Karpathy's split sizes (82,783
-   train, 30,504 restval, 5,000 val, 5,000 test), the captions being the real COCO val2017 captions
-   (../shared/data) repeated, or synthetic text when that file is absent.
+   train, 30,504 restval, 5,000 val, 5,000 test), the captions being real COCO captions repeated (``--captions``:
+   a COCO caption file; default the 2,500 of tests/data).
 2. the loader at full feature size: 2048-d region features, 10-100 regions per image, batch 10 images x 5
    captions, for 0, 1 and 2 worker processes. A few hundred generated npz files are reused by a few thousand
    images (symlinks), so the page cache is warm: this measures decoding and collation, not the disk. Also the
@@ -26,27 +26,21 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO = ROOT.parent / "shared/data/coco/captions_val2017.json"
+COCO = ROOT / "tests" / "data" / "captions_val2017_500.json"
 SPLITS = (("train", 82783), ("restval", 30504), ("val", 5000), ("test", 5000))
 
 
-def caption_pool(seed: int = 0) -> tuple[list[list[str]], str]:
-    """Tokenised captions to fill the big file with: real ones when available."""
-    if COCO.is_file():
-        import string
+def caption_pool(path: Path = COCO) -> tuple[list[list[str]], str]:
+    """Tokenised captions to fill the big file with."""
+    import string
 
-        strip = str.maketrans("", "", string.punctuation)
-        anns = json.loads(COCO.read_text())["annotations"]
-        return [a["caption"].lower().translate(strip).split() for a in anns], "COCO val2017 captions, repeated"
-    from aoanet.data.synth_grammar import caption
-    from aoanet.data.synth_world import sample_scene
-
-    rng = np.random.default_rng(seed)
-    return [caption(rng, sample_scene(rng)) for _ in range(25000)], "synthetic captions (COCO file absent)"
+    strip = str.maketrans("", "", string.punctuation)
+    anns = json.loads(Path(path).read_text())["annotations"]
+    return [a["caption"].lower().translate(strip).split() for a in anns], f"{Path(path).name} captions, repeated"
 
 
-def full_dataset_json(path: Path, n_images: int) -> str:
-    pool, source = caption_pool()
+def full_dataset_json(path: Path, n_images: int, captions: Path = COCO) -> str:
+    pool, source = caption_pool(captions)
     scale = n_images / sum(n for _, n in SPLITS)
     splits = [s for s, n in SPLITS for _ in range(round(n * scale))][:n_images]
     splits += ["train"] * (n_images - len(splits))
@@ -79,11 +73,11 @@ def detector_like(rng: np.random.Generator, k: int, width: int = 2048) -> np.nda
     return np.maximum(x, 0) ** 2
 
 
-def bench_prepro(work: Path, n_images: int) -> dict:
+def bench_prepro(work: Path, n_images: int, captions: Path = COCO) -> dict:
     from aoanet.data.prepro import prepro_labels
 
     t = time.perf_counter()
-    source = full_dataset_json(work / "dataset_coco.json", n_images)
+    source = full_dataset_json(work / "dataset_coco.json", n_images, captions)
     t_make = time.perf_counter() - t
     t = time.perf_counter()
     summary = prepro_labels(work / "dataset_coco.json", work / "cocotalk.json", work / "cocotalk_label.h5")
@@ -209,6 +203,7 @@ def bench_check(work: Path, att: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=123287, help="images in the prepro benchmark")
+    ap.add_argument("--captions", type=Path, default=COCO, help="a COCO caption file to draw the captions from")
     ap.add_argument("--loader-images", type=int, default=3000)
     ap.add_argument("--npz-files", type=int, default=300)
     ap.add_argument("--batches", type=int, default=200)
@@ -221,7 +216,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        prepro = bench_prepro(work, args.images)
+        prepro = bench_prepro(work, args.images, args.captions)
         p = prepro
         print(
             f"prepro   {p['images']:>7} images {p['captions']:>7} captions  {p['seconds']:>6.1f} s  "

@@ -17,22 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_support import COCO_CAPTIONS
 
 from aoanet.metrics import coco_eval
 from aoanet.metrics.cider import CiderD
 from aoanet.metrics.coco_eval import JavaNotFoundError, check_java, format_table, language_eval, spice_status
 
 REPO = Path(__file__).resolve().parents[1]
-COCO_CAPTIONS = REPO.parent / "shared" / "data" / "coco" / "captions_val2017.json"
 N_IMAGES = 300
 ALL_BUT_SPICE = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 
 
 @pytest.fixture(scope="module")
 def coco_raw() -> dict[int, list[str]]:
-    if not COCO_CAPTIONS.exists():
-        pytest.skip(f"real COCO captions not found at {COCO_CAPTIONS} (expected beside the repository in "
-                    f"../shared/data/coco/)")
     by_image = defaultdict(list)
     for ann in json.loads(COCO_CAPTIONS.read_text())["annotations"]:
         by_image[ann["image_id"]].append(ann["caption"])

@@ -7,7 +7,7 @@ from collections import Counter
 import h5py
 import numpy as np
 import pytest
-from test_data_support import COCO_CAPTIONS, SKIP_NO_COCO, karpathy_from_coco, run_cli
+from test_data_support import COCO_CAPTIONS, karpathy_from_coco, run_cli
 
 from aoanet.data.errors import DataError
 from aoanet.data.prepro import prepro_labels
@@ -17,8 +17,6 @@ THRESHOLD, MAX_LEN = 5, 16
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    if not COCO_CAPTIONS.is_file():
-        pytest.skip(SKIP_NO_COCO)
     d = tmp_path_factory.mktemp("coco")
     dataset = karpathy_from_coco(COCO_CAPTIONS)
     (d / "dataset_coco.json").write_text(json.dumps(dataset))
@@ -51,8 +49,8 @@ def test_vocabulary_matches_independent_count(coco):
     assert list(vocab) == [str(i) for i in range(1, len(vocab) + 1)]  # 1-based, no gaps
     assert [vocab[str(i)] for i in range(1, len(vocab))] == expected
     assert vocab[str(len(vocab))] == "UNK"
-    # Real text has a long tail: a few thousand words survive, many more are rare.
-    assert 2000 < len(vocab) < len(counts)
+    # Real text has a long tail: several hundred words survive in 2,500 captions, many more are rare.
+    assert 400 < len(vocab) < len(counts) / 2
 
 
 def test_labels_unk_truncation_and_pointers(coco):

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from aoanet.cli.data import app
 
-COCO_CAPTIONS = Path(__file__).parents[1].parent / "shared/data/coco/captions_val2017.json"
-SKIP_NO_COCO = f"real COCO captions not found at {COCO_CAPTIONS} (../shared/data is absent on this machine)"
+# Real captions: 500 images x 5 captions of COCO val2017 (tests/data/README.md). Part of the repository: a test
+# that needs them fails without them.
+COCO_CAPTIONS = Path(__file__).parent / "data" / "captions_val2017_500.json"
 
 
 def run_cli(*args):
