@@ -62,6 +62,7 @@ def raw_config(data_dir, ckpt_dir, batch_size, dropout=False, **train):
 def run_steps(steps):
     """Trainer runs in this process; each step: raw config, stage, resume, start_from, crash_at, dump."""
     import paddle
+    from faults import crash_at
 
     from aoanet.train.trainer import Trainer
 
@@ -75,7 +76,7 @@ def run_steps(steps):
                           start_from=s.get("start_from"), progress=False)
         if s.get("crash_at"):
             try:
-                trainer.run(crash_at=s["crash_at"])
+                crash_at(trainer, s["crash_at"]).run()
             except KeyboardInterrupt:
                 pass
         else:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import paddle
 import pytest
+from faults import crash_at
 
 from aoanet.config import from_dict
 from aoanet.train import trainer as trainer_mod
@@ -65,7 +66,7 @@ def test_xe_resume_is_exact(data_dir, tmp_path):
     Trainer(full, "xe", progress=False).run()
     broken = small_config(data_dir, tmp_path / "broken", max_iters=11)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(broken, "xe", progress=False).run(crash_at=8)
+        crash_at(Trainer(broken, "xe", progress=False), 8).run()
     state = json.loads((tmp_path / "broken" / "state.json").read_text())
     assert state["iteration"] == 6 and not state["finished"]
     paddle.seed(999)  # a fresh process would have a different RNG: resume must restore it
@@ -126,9 +127,7 @@ def test_scst_starts_from_last_xe_and_resumes_exactly(data_dir, tmp_path):
     assert abs(float(t.optimizer.get_lr()) - 2e-5) < 1e-12
     t.run()
     with pytest.raises(KeyboardInterrupt):
-        Trainer(scst_cfg("rl_broken"), "scst", start_from=str(tmp_path / "xe"), progress=False).run(
-            crash_at=5
-        )
+        crash_at(Trainer(scst_cfg("rl_broken"), "scst", start_from=str(tmp_path / "xe"), progress=False), 5).run()
     Trainer(scst_cfg("rl_broken"), "scst", resume=True, progress=False).run()
     assert max_diff(weights(tmp_path / "rl_full"), weights(tmp_path / "rl_broken")) <= 1e-6
     assert max_diff(weights(tmp_path / "rl_full"), xe_w) > 0  # SCST changed the model

@@ -314,8 +314,8 @@ class Trainer:
             p["bad_epochs"] = 0
 
     # ----------------------------------------------------------------------------------- the loop
-    def run(self, crash_at: int | None = None) -> dict:
-        """Train until max_epochs (or max_iters). ``crash_at`` simulates a kill at that iteration (tests)."""
+    def run(self) -> dict:
+        """Train until max_epochs (or max_iters)."""
         from aoanet.data.loader import build_loader
 
         if self.stage == "scst" and self.scorer is None:
@@ -346,8 +346,6 @@ class Trainer:
                 for batch in loader:
                     self.state["iteration"] += 1
                     it = self.state["iteration"]
-                    if crash_at is not None and it == crash_at:
-                        raise KeyboardInterrupt(f"simulated kill at iteration {it}")
                     with self.amp.autocast():
                         out = step_fn(batch, ss_prob)
                     # loss to back-propagate, and the token mean over all ranks' batches
