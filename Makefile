@@ -2,9 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,export,dev
-# Paddle's bundled MKL runs matmul ~3x slower on AMD CPUs unless told to use the AVX2 code path.
-export MKL_DEBUG_CPU_TYPE ?= 5
+EXTRAS ?= runtime,paddle,train,export,dev
 
 .PHONY: env test lint demo bench clean
 

@@ -1,11 +1,7 @@
-"""AoANet image captioning in PaddlePaddle (training side).
+"""AoANet image captioning in PaddlePaddle (training side): data, model, training, evaluation, conversion.
 
-Importing this package sets ``MKL_DEBUG_CPU_TYPE=5`` unless the user set it: Paddle's bundled MKL otherwise takes a
-matmul code path ~3x slower on AMD CPUs. It must be set before Paddle is first imported.
+Importing it changes nothing in the process environment; the commands tune Paddle's math library for the CPU
+(``aoanet.cpu``).
 """
-
-import os
-
-os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
 __version__ = "0.1.0"

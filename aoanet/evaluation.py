@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from runtime.vocab import decode_sequence
+from aoanet_runtime.vocab import decode_sequence
 
 
 def load_references(path) -> dict[int, list[str]]:

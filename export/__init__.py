@@ -4,11 +4,10 @@
 
     out_dir/encoder.onnx  decoder.onnx  manifest.json  parity.json
     out_dir/static/{encoder,decoder}.{json|pdmodel,pdiparams}
-    out_dir/encoder.int8.onnx  decoder.int8.onnx       (int8=True: dynamically quantized, lossy; export.quantize)
+    out_dir/encoder.int8.onnx  decoder.int8.onnx       (int8=True: dynamically quantized, lossy; aoanet_export.quantize)
 """
 
-import aoanet  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before Paddle is imported)
-from export.errors import ExportError, ParityError
-from export.pipeline import export_checkpoint
+from aoanet_export.errors import ExportError, ParityError
+from aoanet_export.pipeline import export_checkpoint
 
 __all__ = ["ExportError", "ParityError", "export_checkpoint"]

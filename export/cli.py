@@ -38,7 +38,10 @@ def export_command(
 ) -> None:
     """Trace the model's encoder and decoder step, convert them to ONNX, check parity, write the manifest."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from export import ExportError, export_checkpoint
+    from aoanet.cpu import configure_math_library
+
+    configure_math_library()  # before Paddle is imported
+    from aoanet_export import ExportError, export_checkpoint
 
     try:
         manifest = export_checkpoint(

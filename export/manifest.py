@@ -8,20 +8,15 @@ import hashlib
 from pathlib import Path
 
 from aoanet.model import AoAModel
-from export.errors import ExportError
-from runtime.captioner import MANIFEST, MODEL_FILES
+from aoanet_export.errors import ExportError
+from aoanet_runtime.contract import FORMAT_VERSION, MANIFEST, MODEL_FILES
 
-# 3: the decoder also has the candidate head (optional input topk; outputs cand_logprobs, cand_ids:
-# export.onnx_convert.add_candidate_head).
-# 2: the encoder also outputs att_values/att_keys (head layout), which the decoder takes instead of p_att_feats,
-# a row per image (1: p_att_feats, a row per decoder row).
-FORMAT_VERSION = 3
-# The file names are the runtime's (the reader): the fp32 graphs, and the optional int8 ones (aoanet-export --int8;
+# {precision: {"encoder": file, "decoder": file}}: the fp32 graphs, and the optional int8 ones (aoanet-export --int8;
 # a manifest without them is still complete).
 FILES = {precision: dict(zip(("encoder", "decoder"), names, strict=True)) for precision, names in MODEL_FILES.items()}
 
-# The authors' evaluation settings (aoanet-reference.md §4.2): beam 2, 20 steps, raw log-prob sums,
-# UNK suppressed.
+# The authors' evaluation settings (docs/model.md, "Decoding"): beam 2, 20 steps, raw log-prob sums, UNK
+# suppressed.
 DECODING = {
     "beam_size": 2,
     "max_length": 20,
@@ -131,7 +126,7 @@ def build(
 def verify(export_dir: Path) -> dict:
     """Load the manifest as the runtime does and check the hash of every file it lists (the runtime checks only
     the graphs it loads); returns the manifest."""
-    from runtime.captioner import ExportDirError, load_manifest
+    from aoanet_runtime.exportdir import ExportDirError, load_manifest
 
     try:
         manifest = load_manifest(export_dir)

@@ -5,83 +5,24 @@ Paddle older than 3.0) share the ``export()`` call used here; 2.x calls ``sys.ex
 1.x returns nothing, and both become an ExportError.
 
 paddle2onnx names the graph's results ``fetch_name_<i>`` and its dynamic dimensions
-``DynamicDimension.<k>``; the runtime relies on the names of docs/ARCHITECTURE.md ("ONNX export") instead, so
-both are rewritten here and the result is checked with ``onnx.checker``.
+``DynamicDimension.<k>``; the runtime relies on the names of the contract (``aoanet_runtime.contract``) instead, so
+both are rewritten here, constants nothing reads are dropped, and the result is checked with ``onnx.checker``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from export.errors import ExportError
-from export.static import StaticFiles
+from aoanet_export.errors import ExportError
+from aoanet_export.static import StaticFiles
+from aoanet_runtime.contract import BATCH, HEAD_INPUTS, HEAD_OUTPUTS, TOPK, TensorSpec
 
 log = logging.getLogger(__name__)
 
 # The opsets this export is tested with (every op it needs exists unchanged in 13..17).
 MIN_OPSET, MAX_OPSET = 13, 17
-
-BATCH, REGIONS, IMAGES, TOPK = "batch", "regions", "images", "k"
-
-# The decoder's candidate head (added to the converted graph, not traced): each row's top-k words by log-prob,
-# so that a beam search can fetch [rows, k] candidates instead of the [rows, V+1] log-probs (add_candidate_head).
-HEAD_INPUTS = ("topk",)
-HEAD_OUTPUTS = ("cand_logprobs", "cand_ids")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy name: float32, int64
-    shape: tuple  # ints for fixed sizes, BATCH / REGIONS for the dynamic ones
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-def contract(vocab_size: int, rnn_size: int, att_feat_size: int, num_heads: int) -> dict[str, tuple[list, list]]:
-    """{graph: (inputs, outputs)} as TensorSpecs, in the order of the wrappers' arguments and results."""
-    r, f, b, n, h = rnn_size, att_feat_size, BATCH, REGIONS, num_heads
-    masks = TensorSpec("att_masks", "float32", (b, n))
-    mean = TensorSpec("mean_feats", "float32", (b, r))
-    # The decoder's rows are image-major with the same number per image (the beams); its memory (keys and
-    # values in head layout, and the mask) has a row per image (or per decoder row: images == batch).
-    return {
-        "encoder": (
-            [TensorSpec("att_feats", "float32", (b, n, f)), masks],
-            [
-                mean,
-                TensorSpec("p_att_feats", "float32", (b, n, 2 * r)),
-                TensorSpec("att_values", "float32", (b, h, n, r // h)),
-                TensorSpec("att_keys", "float32", (b, h, n, r // h)),
-            ],
-        ),
-        "decoder": (
-            [
-                TensorSpec("it", "int64", (b,)),
-                TensorSpec("state_h", "float32", (2, b, r)),
-                TensorSpec("state_c", "float32", (2, b, r)),
-                mean,
-                TensorSpec("att_values", "float32", (IMAGES, h, n, r // h)),
-                TensorSpec("att_keys", "float32", (IMAGES, h, n, r // h)),
-                TensorSpec("att_masks", "float32", (IMAGES, n)),
-                TensorSpec("topk", "int64", (1,)),
-            ],
-            [
-                TensorSpec("logprobs", "float32", (b, vocab_size + 1)),
-                TensorSpec("next_state_h", "float32", (2, b, r)),
-                TensorSpec("next_state_c", "float32", (2, b, r)),
-                TensorSpec("cand_logprobs", "float32", (b, TOPK)),
-                TensorSpec("cand_ids", "int64", (b, TOPK)),
-            ],
-        ),
-    }
-
 
 def check_opset(opset: int) -> int:
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -154,6 +95,7 @@ def convert(files: StaticFiles, onnx_path: Path, opset: int, inputs: list, outpu
     if fused:
         log.info("%s: %d x - ReduceLogSumExp(x) fused into LogSoftmax", onnx_path.name, fused)
     bypass_output_identities(model)
+    prune_unused(model)
     if len(traced_outputs) < len(outputs):
         add_candidate_head(model)
     for spec, value in zip(inputs + outputs, list(model.graph.input) + list(model.graph.output), strict=True):
@@ -215,26 +157,59 @@ def fuse_log_softmax(model) -> int:
     return len(replace)
 
 
+def prune_unused(model) -> int:
+    """Drop the nodes and initializers no graph output depends on (paddle2onnx leaves Constant nodes that nothing
+    reads; onnxruntime removes them itself, with a warning per constant). Returns the number of nodes dropped."""
+    graph = model.graph
+    needed = {v.name for v in graph.output}
+    kept = []
+    for node in reversed(graph.node):  # nodes are in topological order
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(_reads(node))
+    dropped = len(graph.node) - len(kept)
+    if dropped:
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    if len(initializers) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+    return dropped
+
+
+def _reads(node) -> set[str]:
+    """The names a node reads, with those its subgraphs (If, Loop, Scan bodies) read from the outer scope."""
+    import onnx
+
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in graphs:
+            for inner in sub.node:
+                names |= _reads(inner)
+    return names
+
+
 def add_candidate_head(model, logprobs: str = "logprobs") -> None:
-    """Append to the decoder graph an optional input ``topk`` int64 [1] (default 1) and the outputs ``cand_ids``
+    """Append to the decoder graph an input ``topk`` int64 [1] and the outputs ``cand_ids``
     int64 [B, k], each row's ``topk`` words by log-prob, best first, ties to the lower id (ONNX TopK's order, the
     same as a stable descending sort), and ``cand_logprobs`` float32 [B, k], their log-probs.
 
     Why: a beam search of K beams reads only each row's K best words after the UNK penalty, which are among the
-    K + 1 best before it (runtime.beam.Candidates.top), so fetching those moves [rows, K + 1] numbers out of the
+    K + 1 best before it (aoanet_runtime.beam.Candidates.top), so fetching those moves [rows, K + 1] numbers out of the
     graph instead of [rows, V+1] (5.7 MB per full-size step at batch 50 x beam 3) and leaves no vocabulary scan
     to numpy; on a GPU it also spares the device-to-host copy. ``logprobs`` stays an output for the searches that
-    need every value (block_trigrams, remove_bad_endings).
+    need every value (block_trigrams, remove_bad_endings). ``topk`` is a plain required input: a default given
+    through an initializer of the same name makes onnxruntime warn at every session and keeps it from folding
+    constants around it, and every caller knows what k it wants.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     graph = model.graph
     if logprobs not in {o.name for o in graph.output}:
         raise ExportError(f"the decoder graph has no output {logprobs!r} to add the candidate head to")
     graph.input.append(helper.make_tensor_value_info("topk", TensorProto.INT64, [1]))
-    # An initializer of the same name makes the input optional: a caller that only wants the log-probs feeds the
-    # traced inputs alone.
-    graph.initializer.append(numpy_helper.from_array(np.ones(1, np.int64), "topk"))
     graph.node.append(
         helper.make_node(
             "TopK", [logprobs, "topk"], ["cand_logprobs", "cand_ids"], axis=-1, largest=1, sorted=1,

@@ -23,7 +23,8 @@ import numpy as np
 import paddle
 
 from aoanet.model import AoAModel
-from export.static import DECODER_OUTPUTS, ENCODER_OUTPUTS, StaticFiles, StaticPredictor
+from aoanet_export.static import StaticFiles, StaticPredictor
+from aoanet_runtime.contract import DECODER_OUTPUTS, ENCODER_OUTPUTS, HEAD_OUTPUTS
 
 LOGPROB_TOLERANCE = 1e-4
 STEPS = 20
@@ -118,7 +119,7 @@ def onnx_session(path: Path, threads: int = 1):
     (among them: int8 without u8 x s8 saturation on x86 CPUs without VNNI)."""
     import onnxruntime as ort
 
-    from runtime.captioner import CPU, session_options
+    from aoanet_runtime.sessions import CPU, session_options
 
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=[CPU])
 
@@ -127,10 +128,10 @@ class OnnxBackend:
     """The ONNX graphs; every step also checks the decoder's candidate head against numpy (``candidates``)."""
 
     def __init__(self, encoder: Path, decoder: Path, threads: int = 1):
+        from aoanet_runtime.sessions import has_input
+
         self.encoder, self.decoder = onnx_session(encoder, threads), onnx_session(decoder, threads)
-        # The head's input is optional (an initializer of the same name): listed as an overridable initializer.
-        optional = {i.name for i in self.decoder.get_overridable_initializers()}
-        self.head = "topk" in optional | {i.name for i in self.decoder.get_inputs()}
+        self.head = has_input(self.decoder, "topk")
         self.candidates = {"k": CANDIDATES_K, "rows": 0, "mismatched_rows": 0} if self.head else None
 
     def encode(self, feats, masks):
@@ -142,7 +143,7 @@ class OnnxBackend:
         if not self.head:
             return tuple(self.decoder.run(outputs, feeds))
         feeds["topk"] = np.array([CANDIDATES_K], np.int64)
-        lp, h, c, raw, ids = self.decoder.run(outputs + ["cand_logprobs", "cand_ids"], feeds)
+        lp, h, c, raw, ids = self.decoder.run(outputs + list(HEAD_OUTPUTS), feeds)
         k = min(CANDIDATES_K, lp.shape[1])
         want = np.argsort(-lp, axis=1, kind="stable")[:, :k]
         ok = (ids == want).all(axis=1) & (raw == np.take_along_axis(lp, want, axis=1)).all(axis=1)

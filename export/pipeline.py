@@ -14,12 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from export import manifest as manifest_mod
-from export import quantize
-from export.errors import ExportError, ParityError
-from export.onnx_convert import check_opset, contract, convert, import_paddle2onnx
-from export.parity import LOGPROB_TOLERANCE, describe, run_parity, summary
-from export.static import save_static
+from aoanet_export import manifest as manifest_mod
+from aoanet_export import quantize
+from aoanet_export.errors import ExportError, ParityError
+from aoanet_export.onnx_convert import check_opset, convert, import_paddle2onnx
+from aoanet_export.parity import LOGPROB_TOLERANCE, describe, run_parity, summary
+from aoanet_export.static import save_static
+from aoanet_runtime.contract import MANIFEST, PARITY, graph_specs
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ def export_checkpoint(
     """Export a checkpoint directory to ``out_dir``; returns the manifest (also written as manifest.json).
 
     ``int8``: also write ``encoder.int8.onnx`` and ``decoder.int8.onnx`` (dynamic quantization of the parity-checked
-    fp32 graphs, ``export.quantize``), listed in the manifest's ``files`` with the others and measured against the
-    fp32 graphs in its ``int8`` section.
+    fp32 graphs, ``aoanet_export.quantize``), listed in the manifest's ``files`` with the others and measured against
+    the fp32 graphs in its ``int8`` section.
 
     ``fold_embedding`` (default): the decoder looks up each word's share of the LSTM gates in a [V+1, 4R] table
     instead of multiplying its embedding (``aoanet.model.FoldedStep``): 16% faster steps, a larger decoder file
@@ -88,7 +89,7 @@ def export_checkpoint(
         log.info("tracing the static graphs")
         static = save_static(model, tmp / "static", fold_embedding)
         o = model.options
-        specs = contract(model.vocab_size, o.rnn_size, o.att_feat_size, o.num_heads)
+        specs = graph_specs(model.vocab_size, o.rnn_size, o.att_feat_size, o.num_heads)
         graphs, onnx_files = {}, {}
         for name, (inputs, outputs) in specs.items():
             log.info("converting the %s to ONNX (opset %d)", name, opset)
@@ -97,7 +98,7 @@ def export_checkpoint(
 
         log.info("checking parity: dynamic graph vs paddle.inference vs onnxruntime")
         report = run_parity(model, static, onnx_files, tolerance=tolerance)
-        (tmp / "parity.json").write_text(json.dumps(report, indent=1))
+        (tmp / PARITY).write_text(json.dumps(report, indent=1))
         log.info("parity: %s", describe(report))
         if not report["passed"]:
             raise ParityError(
@@ -121,7 +122,7 @@ def export_checkpoint(
         )
         manifest["decoder_step"] = "folded_embedding" if fold_embedding else "embedding"
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
-        (tmp / manifest_mod.MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,9 +161,9 @@ def _check_destination(out_dir: Path, force: bool) -> None:
         if not force:
             raise ExportError(f"{out_dir} already exists; pass --force (force=True) to replace it")
         # --force replaces a previous export, not an arbitrary directory given by mistake.
-        if any(out_dir.iterdir()) and not (out_dir / manifest_mod.MANIFEST).is_file():
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
             raise ExportError(
-                f"{out_dir} is not empty and is not an export directory (no {manifest_mod.MANIFEST}); "
+                f"{out_dir} is not empty and is not an export directory (no {MANIFEST}); "
                 "refusing to replace it even with --force"
             )
 

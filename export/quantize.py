@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import ExportError
+from aoanet_export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 PER_CHANNEL = True
 WEIGHT_TYPE = "QInt8"
 # 8-bit weights (not 7). VNNI CPUs have no u8 x s8 saturation problem; on x86 CPUs without VNNI the runtime's session
-# option (runtime.captioner.INT8_PRECISION_OPTION) has onnxruntime run these weights as uint8, without saturation.
+# option (aoanet_runtime.sessions.INT8_PRECISION_OPTION) has onnxruntime run these weights as uint8, without saturation.
 # Measured on the test model on the AVX2 Zen 2 here, captions equal to fp32's (beam 2, 240 images): 8-bit + that
 # option 0.717; 7-bit weights (reduce_range) 0.621; 8-bit without the option 0.204.
 REDUCE_RANGE = False
@@ -204,7 +204,7 @@ def measure(fp32_files: dict, int8_files: dict, att_feat_size: int, threads: int
 
     Raises ExportError when an int8 output is not finite (or has the wrong shape).
     """
-    from export import parity
+    from aoanet_export import parity
 
     threads = threads or min(os.cpu_count() or 1, 4)
     reference = parity.OnnxBackend(fp32_files["encoder"], fp32_files["decoder"], threads)
@@ -229,7 +229,7 @@ def measure(fp32_files: dict, int8_files: dict, att_feat_size: int, threads: int
         )
     rows = [case.rows * parity.STEPS for case in parity.DEFAULT_CASES]
     agreeing = sum(r["argmax_agreement"]["int8"] * n for r, n in zip(results, rows, strict=True))
-    from runtime.captioner import INT8_PRECISION_OPTION, cpu_has_int8_dot
+    from aoanet_runtime.sessions import INT8_PRECISION_OPTION, cpu_has_int8_dot
 
     return {
         "reference": "the fp32 ONNX graphs (onnxruntime)",

@@ -19,13 +19,7 @@ from paddle.static import InputSpec
 
 from aoanet.model import AoAModel, FoldedStep
 from aoanet.model.layers import mask_to_bias
-from export.errors import ExportError
-
-# Contract names (docs/ARCHITECTURE.md, "ONNX export"), in the order of the wrappers' arguments and results.
-ENCODER_INPUTS = ("att_feats", "att_masks")
-ENCODER_OUTPUTS = ("mean_feats", "p_att_feats", "att_values", "att_keys")
-DECODER_INPUTS = ("it", "state_h", "state_c", "mean_feats", "att_values", "att_keys", "att_masks")
-DECODER_OUTPUTS = ("logprobs", "next_state_h", "next_state_c")
+from aoanet_export.errors import ExportError
 
 MODEL_SUFFIXES = (".json", ".pdmodel")  # PIR (Paddle 3.x), legacy ProgramDesc (Paddle 2.x)
 PARAMS_SUFFIX = ".pdiparams"

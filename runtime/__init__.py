@@ -1,16 +1,24 @@
-"""Captioning with the exported ONNX graphs: numpy + onnxruntime only (never paddle, never ``aoanet``).
+"""AoANet captioning from an export directory with numpy and onnxruntime: no Paddle, no training package.
 
-``Captioner.from_dir(EXPORT_DIR).caption(att_feats)``; ``aoanet-infer`` is the command. ``runtime.beam`` (the
-shared search) is also used by the training side, which is why onnxruntime is only imported on first use of
-``Captioner`` here.
+``Captioner.from_dir(EXPORT_DIR).caption(att_feats)`` in Python; ``aoanet-infer`` on the command line. The search
+(``aoanet_runtime.beam``) is also what the training package decodes with, so onnxruntime is imported only when the
+captioner is first used.
 """
 
-__all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError"]
+__all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "load_manifest"]
+
+_HOMES = {
+    "Captioner": "aoanet_runtime.captioner",
+    "Captions": "aoanet_runtime.captioner",
+    "ExportDirError": "aoanet_runtime.exportdir",
+    "load_manifest": "aoanet_runtime.exportdir",
+    "FeatureError": "aoanet_runtime.features",
+}
 
 
 def __getattr__(name):
-    if name in __all__:
-        from runtime import captioner
+    if name in _HOMES:
+        import importlib
 
-        return getattr(captioner, name)
-    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'aoanet_runtime' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Captioning with the exported graphs and onnxruntime: ``Captioner.from_dir(EXPORT_DIR).caption(feats)``.
 
 The encoder runs once per batch of images; the decoder runs once per step over every live beam of the whole
-batch, driven by the shared numpy search (``runtime.beam``) exactly as ``AoAModel.decode`` drives the Paddle
+batch, driven by the shared numpy search (``aoanet_runtime.beam``) exactly as ``AoAModel.decode`` drives the Paddle
 model: rows image-major (row ``b * K + k`` is beam ``k`` of image ``b``), mean_feats repeated K times, the
 memory (keys and values in head layout, mask) once per image for its K beams, zero state, BOS (0) first;
 ``beam_size == 1`` with ``greedy_unk`` is greedy decoding. Same inputs and weights, same captions, whichever
@@ -12,11 +12,8 @@ Imports numpy and onnxruntime only (never paddle, never the training package).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import platform
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,64 +22,40 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.beam import Candidates, DecodeResult, is_greedy, search
-from runtime.features import FeatureError, batch_plan, pad_batch
-from runtime.vocab import bad_ending_ids, decode_sequence
+from aoanet_runtime.beam import Candidates, DecodeResult, is_greedy, search
+from aoanet_runtime.contract import (
+    CANDIDATE_OUTPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_MEMORY_OUTPUTS,
+    HEAD_INPUTS,
+    MANIFEST,
+    MEMORY,
+    MODEL_FILES,
+    PRECISIONS,
+)
+from aoanet_runtime.exportdir import ExportDirError, load_manifest, read_model
+from aoanet_runtime.features import FeatureError, batch_plan, pad_batch
+from aoanet_runtime.sessions import (
+    CUDA,
+    choose_providers,
+    default_threads,
+    has_input,
+    notify_slow_int8,
+    session_options,
+)
+from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
 
 __all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "load_manifest"]
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-# 2: the decoder takes keys/values in head layout, a row per image; 3: and it has the candidate head
-FORMAT_VERSIONS = (2, 3)
-ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
-# The graphs of each precision; the int8 ones are optional in an export (aoanet-export --int8).
-MODEL_FILES = {"fp32": (ENCODER, DECODER), "int8": ("encoder.int8.onnx", "decoder.int8.onnx")}
-PRECISIONS = tuple(MODEL_FILES)
-# The encoder's outputs the decoder needs: keys/values already in the decoder attention's head layout
-# [B, heads, N, d_k] (the encoder also outputs p_att_feats [B, N, 2R], the model's own form).
-ENCODER_OUTPUTS = ["mean_feats", "att_values", "att_keys"]
-MEMORY = ("att_values", "att_keys", "att_masks")  # a row per image, shared by the image's beams
-DECODER_OUTPUTS = ["logprobs", "next_state_h", "next_state_c"]
-# The decoder's candidate head (format 3, export.onnx_convert.add_candidate_head): each row's top-k words by
-# log-prob, fetched instead of the log-probs when the search needs no other value.
-HEAD_INPUTS = ("topk",)
-CANDIDATE_OUTPUTS = ["cand_ids", "cand_logprobs", "next_state_h", "next_state_c"]
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-
-# Measured with scripts/bench_infer.py (full-size model, batch 50, beam 3) on a 2-core CPU: intra-op threads = all
-# cores with spinning OFF is the fastest (22.7-23.0 images/s; spinning ON 20.2-21.7; one thread 12.1-12.5). On a loaded
-# machine spinning ON is far worse (2 threads 2x slower than 1): a spinning thread steals the core that numpy's
-# search bookkeeping, other sessions and other processes need between runs.
-DEFAULT_SPINNING = False
-
-# The int8 graphs on x86 CPUs without VNNI (AVX2, or AVX-512 without VNNI): there onnxruntime's u8 x s8 kernel
-# adds pairs of products in 16 bits, which saturate when both factors are large, and captions drift far from
-# fp32's. With this session option onnxruntime converts the int8 weights to uint8 when the session is created and
-# runs its u8 x u8 kernel, which does not saturate; it does so only on such CPUs (onnxruntime checks the CPU: with
-# VNNI, and on other architectures, nothing changes) and only for quantized weights (the fp32 graphs are unchanged).
-# Measured on the 2-core AMD EPYC 7002 (Zen 2, AVX2, no VNNI) here, int8 captions equal to fp32's: full-size model,
-# 100 images, beam 3: 55% -> 88% (same speed, 23-24 images/s); the test model: 20% -> 72%.
-INT8_PRECISION_OPTION = ("session.x64quantprecision", "1")
-# x86 instruction sets with int8 dot products (/proc/cpuinfo flags): what makes the int8 graphs fast.
-INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-_notified_cpu = False
-_notified_int8 = False
-
-
-class ExportDirError(RuntimeError):
-    """An export directory the runtime refuses: missing or unreadable manifest, unknown format version,
-    missing or tampered model file (the message names the file)."""
 
 
 @dataclass
 class Captions:
     """One entry per image, in input order.
 
-    captions: the words up to the first EOS (``runtime.vocab.decode_sequence``).
-    scores: float64 [B], the search's score (see ``runtime.beam.DecodeResult``).
+    captions: the words up to the first EOS (``aoanet_runtime.vocab.decode_sequence``).
+    scores: float64 [B], the search's score (see ``aoanet_runtime.beam.DecodeResult``).
     seqs: int64 [B, max_length]; logprobs: float32 [B, max_length], the raw log-prob of each chosen token.
     """
 
@@ -93,129 +66,6 @@ class Captions:
 
     def __len__(self) -> int:
         return len(self.captions)
-
-
-# ------------------------------------------------------------------------------------------- export dir
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def load_manifest(export_dir: str | os.PathLike) -> dict:
-    """Read and check ``manifest.json`` of an export dir (format version and the fields the runtime uses)."""
-    export_dir = Path(export_dir)
-    path = export_dir / MANIFEST
-    if not export_dir.is_dir():
-        raise ExportDirError(f"{export_dir}: export directory not found")
-    if not path.is_file():
-        raise ExportDirError(f"{export_dir} is not an export directory: {path} is missing")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportDirError(f"{path} cannot be read as JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise ExportDirError(f"{path} is not a JSON object")
-    version = manifest.get("format_version")
-    if version not in FORMAT_VERSIONS:
-        raise ExportDirError(
-            f"{path}: unknown format_version {version!r} (this runtime reads "
-            f"{', '.join(map(str, FORMAT_VERSIONS))}); re-export the checkpoint with this version's "
-            "aoanet-export, or upgrade the runtime"
-        )
-    missing = [k for k in ("ix_to_word", "unk_id", "vocab_size", "sizes", "files") if k not in manifest]
-    missing += [f"sizes.{k}" for k in ("rnn_size", "att_feat_size") if k not in manifest.get("sizes", {})]
-    missing += [f"files.{k}" for k in (ENCODER, DECODER) if k not in manifest.get("files", {})]
-    if missing:
-        raise ExportDirError(f"{path}: field(s) missing: {', '.join(missing)}")
-    return manifest
-
-
-def _read_model(export_dir: Path, manifest: dict, name: str, verify: bool) -> bytes:
-    """The bytes of one ONNX file, checked against the manifest's sha256 (the bytes checked are the bytes
-    loaded)."""
-    path = export_dir / name
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ExportDirError(f"{path} is missing (listed in {MANIFEST})") from None
-    except OSError as e:
-        raise ExportDirError(f"{path} cannot be read: {e}") from None
-    if verify:
-        want = manifest["files"][name].get("sha256")
-        got = _sha256(data)
-        if got != want:
-            raise ExportDirError(
-                f"{path} does not match its sha256 in {MANIFEST} (expected {want}, got {got}): the file was "
-                "modified or belongs to another export"
-            )
-    return data
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def session_options(threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or default_threads())
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    spin = DEFAULT_SPINNING if spinning is None else bool(spinning)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
-    options.add_session_config_entry(*INT8_PRECISION_OPTION)
-    options.log_severity_level = 3  # errors only
-    return options
-
-
-def _notify_slow_int8() -> None:
-    """A one-line notice (once per process) when the int8 graphs run on an x86 CPU without VNNI."""
-    global _notified_int8
-    if _notified_int8 or cpu_has_int8_dot() is not False:
-        return
-    _notified_int8 = True
-    log.warning(
-        "aoanet runtime: this CPU has no int8 dot-product instructions (VNNI): the int8 graphs gain little over "
-        "fp32 here (measured on an AVX2 AMD Zen 2: 1.1-1.25x, vs 3.3x with VNNI) and their captions may differ"
-    )
-
-
-def cpu_has_int8_dot(cpuinfo: str | None = None) -> bool | None:
-    """Has this x86 CPU int8 dot-product instructions (VNNI)? None when unknown (not x86, no /proc/cpuinfo).
-
-    ``cpuinfo``: the text of /proc/cpuinfo (read when None)."""
-    if cpuinfo is None:
-        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-            return None
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return any(flag in flags for flag in INT8_DOT_FLAGS)
-    return None
-
-
-def choose_providers(providers: Sequence[str] | None) -> list[str]:
-    """CUDA when onnxruntime has it (CPU as fallback for unsupported ops), else CPU with a one-line notice."""
-    global _notified_cpu
-    available = ort.get_available_providers()
-    if providers is not None:
-        unknown = [p for p in providers if p not in available]
-        if unknown:
-            raise ValueError(f"execution provider(s) {unknown} not available; onnxruntime has {available}")
-        return list(providers)
-    if CUDA in available:
-        return [CUDA, CPU]
-    if not _notified_cpu:
-        log.warning("aoanet runtime: no CUDAExecutionProvider in this onnxruntime, running on the CPU")
-        _notified_cpu = True
-    return [CPU]
 
 
 def in_streams(fn: Callable, items: Sequence, streams: int) -> Iterator:
@@ -234,20 +84,21 @@ def in_streams(fn: Callable, items: Sequence, streams: int) -> Iterator:
                 future.cancel()
 
 
-def _has_candidate_head(decoder) -> bool:
-    """Does the decoder session take the candidate head's inputs? (optional inputs, so onnxruntime lists them as
-    overridable initializers; a session-like object without these methods, e.g. a Paddle predictor, has none)"""
-    if not hasattr(decoder, "get_overridable_initializers"):
-        return False
-    names = {i.name for i in list(decoder.get_inputs()) + list(decoder.get_overridable_initializers())}
-    return set(HEAD_INPUTS) <= names
-
-
 # ------------------------------------------------------------------------------------------- captioner
 class Captioner:
     """An encoder and a decoder session plus the manifest (vocabulary, sizes) of one export."""
 
-    def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, manifest: dict):
+    def __init__(
+        self,
+        encoder: ort.InferenceSession,
+        decoder: ort.InferenceSession,
+        manifest: dict,
+        device_memory: bool | None = None,
+    ):
+        """``device_memory``: keep each batch's memory (keys, values, mask) on the decoder's device as OrtValues for
+        all its steps instead of feeding it from host arrays at every step; sent again only when finished images
+        are dropped. On a GPU this spares a host-to-device copy of the memory at every step. Default: on when the
+        decoder runs on CUDA (on the CPU it gives the same results and only adds the wrapping)."""
         self.encoder, self.decoder, self.manifest = encoder, decoder, manifest
         sizes = manifest["sizes"]
         self.att_feat_size = int(sizes["att_feat_size"])
@@ -256,20 +107,12 @@ class Captioner:
         self.unk_id = int(manifest["unk_id"])
         self.ix_to_word = {str(k): w for k, w in manifest["ix_to_word"].items()}
         self._bad_ending_ids = bad_ending_ids(self.ix_to_word)
-        # The decoder reads each image's memory once for its beams; False feeds it repeated per row (the same
-        # graph accepts both; kept for the test that they agree).
-        self.memory_per_image = True
-        # The decoder's candidate head (exports of format 3): fetch each row's top-k words instead of the
-        # [rows, V+1] log-probs when the search needs nothing else. False: always the log-probs (kept for the
-        # test that both give the same results).
-        self.has_candidate_head = _has_candidate_head(decoder)
-        self.use_candidates = self.has_candidate_head
-        # Keep each batch's memory on the decoder's device for all its steps (OrtValues) instead of
-        # feeding it from host arrays at every step: on a GPU that spares a host-to-device copy of the keys and
-        # values at every step (14.7 MB per step at full size, batch 50; re-sent only when finished images are
-        # dropped). On by default when the decoder runs on CUDA; on the CPU it only adds the binding calls
-        # (False there; the test runs it on the CPU and requires the same results).
-        self.device_memory = CUDA in decoder.get_providers() if hasattr(decoder, "get_providers") else False
+        # The decoder's candidate head (exports of format >= 3): the search fetches each row's best words instead
+        # of the [rows, V+1] log-probs when no constraint needs the other values.
+        self.has_candidate_head = all(has_input(decoder, name) for name in HEAD_INPUTS)
+        if device_memory is None:
+            device_memory = CUDA in decoder.get_providers() if hasattr(decoder, "get_providers") else False
+        self.device_memory = bool(device_memory)
         self.export_dir: Path | None = None
         self.precision = "fp32"
         self.streams = 1  # batches decoded at once by caption(), each on its own thread (see from_dir)
@@ -284,6 +127,7 @@ class Captioner:
         verify: bool = True,
         precision: str = "fp32",
         streams: int = 1,
+        device_memory: bool | None = None,
     ) -> Captioner:
         """Load an export dir, refusing a missing manifest, an unknown format version and (``verify``) a model
         file whose sha256 differs from the manifest's. ``threads``: intra-op threads per session (default:
@@ -296,10 +140,11 @@ class Captioner:
         ``streams``: how many batches ``caption`` decodes at once, each on its own Python thread sharing the two
         sessions (onnxruntime runs them concurrently); the default intra-op threads per session becomes
         CPUs // streams. Several streams keep every core busy through the parts a single stream runs on one
-        core (numpy's search bookkeeping, small graph ops). Measured on 2 cores, full-size model, batch 50
-        (scripts/bench_infer.py): 2 streams of 1 thread gave int8 +4-5%, fp32 +2%, for jobs of several
-        batches; a single batch runs on fewer threads, so the default is 1. Results do not depend on it (each
-        batch is decoded as it would be alone)."""
+        core (numpy's search bookkeeping, small graph ops); it helps jobs of several batches a little and slows a
+        single batch (docs/benchmarks.md), so the default is 1. Results do not depend on it (each batch is decoded
+        as it would be alone).
+
+        ``device_memory``: see ``Captioner``."""
         if precision not in MODEL_FILES:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         export_dir = Path(export_dir)
@@ -320,7 +165,7 @@ class Captioner:
         options = session_options(threads, spinning)
         sessions = []
         for name in names:
-            data = _read_model(export_dir, manifest, name, verify)
+            data = read_model(export_dir, manifest, name, verify)
             try:
                 sessions.append(ort.InferenceSession(data, sess_options=options, providers=providers))
             except Exception as e:  # onnxruntime raises its own exception types
@@ -328,8 +173,8 @@ class Captioner:
         if CUDA in providers and CUDA not in sessions[1].get_providers():
             log.warning("aoanet runtime: CUDAExecutionProvider could not be initialised, running on the CPU")
         if precision == "int8" and CUDA not in sessions[1].get_providers():
-            _notify_slow_int8()
-        captioner = cls(sessions[0], sessions[1], manifest)
+            notify_slow_int8()
+        captioner = cls(sessions[0], sessions[1], manifest, device_memory=device_memory)
         captioner.export_dir = export_dir
         captioner.precision = precision
         captioner.streams = streams
@@ -403,7 +248,7 @@ class Captioner:
         """[B, N, F], [B, N] -> (mean_feats [B, R], att_values, att_keys [B, heads, N, d_k])."""
         return tuple(
             self.encoder.run(
-                ENCODER_OUTPUTS,
+                list(ENCODER_MEMORY_OUTPUTS),
                 {
                     "att_feats": np.ascontiguousarray(att_feats, np.float32),
                     "att_masks": np.ascontiguousarray(att_masks, np.float32),
@@ -415,17 +260,18 @@ class Captioner:
         """-> (log-probs [rows, V+1], or Candidates of ``topk`` words per row, next h, next c)."""
         feeds = {"it": it, "state_h": h, "state_c": c, "mean_feats": mean_feats}
         feeds.update((name, memory[name]) for name in MEMORY)
-        if topk is None:  # the head's input has a default
-            return tuple(self._run(DECODER_OUTPUTS, feeds))
-        feeds["topk"] = np.array([topk], np.int64)
-        ids, logprobs, h, c = self._run(CANDIDATE_OUTPUTS, feeds)
+        if self.has_candidate_head:  # a required input from format 4 on; its value does not change the log-probs
+            feeds["topk"] = np.array([topk or 1], np.int64)
+        if topk is None:
+            return tuple(self._run(list(DECODER_OUTPUTS), feeds))
+        ids, logprobs, h, c = self._run(list(CANDIDATE_OUTPUTS), feeds)
         return Candidates(ids, logprobs, self.vocab_size + 1), h, c
 
     def _run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
         """One decoder run. When the memory is OrtValues on the decoder's device (``device_memory``) the run takes
         OrtValues: those are used where they are, the host arrays are wrapped without a copy (onnxruntime sends
         them to the device as before); the outputs come back to the host (the search reads them). IOBinding
-        would refuse the candidate head's ``topk`` (an overridable initializer), run_with_ort_values takes it."""
+        would refuse format 3's ``topk`` (an overridable initializer); run_with_ort_values takes it."""
         if not any(isinstance(value, ort.OrtValue) for value in feeds.values()):
             return self.decoder.run(outputs, feeds)
         values = {
@@ -509,24 +355,21 @@ class Captioner:
         k = 1 if greedy else int(beam_size)
         topk = None
         bad_endings = options.get("bad_ending_ids")
-        if self.use_candidates and not options.get("block_trigrams") and (bad_endings is None or not len(bad_endings)):
+        constrained = options.get("block_trigrams") or (bad_endings is not None and len(bad_endings))
+        if self.has_candidate_head and not constrained:
             # The search reads only each row's best words (k + 1 with the UNK penalty; greedy: 1, no penalty).
             unk = None if greedy or not options.get("suppress_unk", True) else self.unk_id
             topk = Candidates.needed(k, unk, self.vocab_size + 1)
         ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1, "topk": topk}
         if k > 1:
             ctx["mean_feats"] = np.repeat(mean_feats, k, axis=0)
-            if self.memory_per_image:
-                ctx["rows_per_memory"] = k
-            else:
-                ctx.update({name: np.repeat(x, k, axis=0) for name, x in memory.items()})
+            ctx["rows_per_memory"] = k
             ctx["bos"] = (k, mean_feats, memory)
         if self.device_memory:
             host = {name: ctx[name] for name in MEMORY}
             ctx.update(self._to_device(host), host_memory=host)
             if k > 1:
-                per_image = ctx if self.memory_per_image else self._to_device(memory)
-                ctx["bos"] = (k, mean_feats, {name: per_image[name] for name in MEMORY})
+                ctx["bos"] = (k, mean_feats, {name: ctx[name] for name in MEMORY})
         ctx["h"] = ctx["c"] = np.zeros((2, batch * k, self.rnn_size), dtype=np.float32)
         return search(
             self._step,
@@ -573,7 +416,7 @@ class Captioner:
         seqs = np.zeros((n_images, max_length), dtype=np.int64)
         scores = np.zeros(n_images, dtype=np.float64)
         logprobs = np.zeros((n_images, max_length), dtype=np.float32)
-        # (greedy decoding takes only the options it has: runtime.beam.search)
+        # (greedy decoding takes only the options it has: aoanet_runtime.beam.search)
         options = dict(
             block_trigrams=block_trigrams,
             length_penalty=length_penalty,

@@ -4,15 +4,14 @@
     aoanet-infer --backend onnx --precision int8 --model EXPORT_DIR ...   (an export made with --int8)
     aoanet-infer --backend paddle --checkpoint CKPT_DIR --features DATA_DIR [--split test] --out captions.json
 
-Both backends list the images the same way, check every feature file's header before decoding, decode the
-same batches (grouped by region count) through the same search, and write the same JSON: one
+Every backend lists the images the same way, checks every feature file's header before decoding, decodes the
+same batches (grouped by region count) through the same search, and writes the same JSON: one
 ``{"image_id", "caption"}`` per image in the listing's order, written atomically (on any error, nothing is
-written). ``--backend paddle`` is the only place that imports the training package, lazily.
+written). Backends other than onnx come from installed packages (``aoanet_runtime.backends``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +22,11 @@ from typing import Optional
 import numpy as np
 import typer
 
-from runtime import atomic
-from runtime.beam import length_penalty_fn
-from runtime.captioner import in_streams
-from runtime.features import (
+from aoanet_runtime import atomic
+from aoanet_runtime.backends import BackendError, load_backend
+from aoanet_runtime.beam import length_penalty_fn
+from aoanet_runtime.captioner import in_streams
+from aoanet_runtime.features import (
     FeatureError,
     ImageFile,
     batch_plan,
@@ -35,14 +35,9 @@ from runtime.features import (
     read_features,
     region_count,
 )
-from runtime.vocab import bad_ending_ids, decode_sequence
+from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
 
 app = typer.Typer(add_completion=False, help="Caption images from their region features (AoANet).")
-
-
-class Backend(str, Enum):
-    onnx = "onnx"
-    paddle = "paddle"
 
 
 class Precision(str, Enum):
@@ -52,48 +47,6 @@ class Precision(str, Enum):
 
 class InferError(RuntimeError):
     pass
-
-
-class OnnxBackend:
-    def __init__(self, export_dir: Path, threads: int | None, precision: str = "fp32", streams: int = 1):
-        from runtime.captioner import Captioner, ExportDirError
-
-        try:
-            self.captioner = Captioner.from_dir(export_dir, threads=threads, precision=precision, streams=streams)
-        except ExportDirError as e:
-            raise InferError(str(e)) from None
-        self.streams = self.captioner.streams
-        self.width = self.captioner.att_feat_size
-        self.ix_to_word = self.captioner.ix_to_word
-        self.decode = self.captioner.decode
-
-
-class PaddleBackend:
-    """The checkpoint's model in Paddle's dynamic graph, through ``AoAModel.decode`` (same search)."""
-
-    def __init__(self, checkpoint: Path, which: str, threads: int | None):
-        try:
-            import paddle
-
-            import aoanet  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before Paddle is imported)
-            from aoanet.train.checkpoint import CheckpointError, load_model
-        except ImportError as e:
-            raise InferError(f"--backend paddle needs Paddle and the aoanet package ({e})") from None
-        self.paddle = paddle
-        try:
-            paddle.base.core.set_num_threads(int(threads or os.cpu_count() or 1))
-        except AttributeError:  # an older Paddle
-            pass
-        try:
-            self.model, self.ix_to_word = load_model(checkpoint, which)
-        except (CheckpointError, ValueError, OSError) as e:
-            raise InferError(f"cannot load the checkpoint: {e}") from None
-        self.width = self.model.options.att_feat_size
-        self.streams = 1
-
-    def decode(self, att_feats, att_masks, beam_size, max_length, **options):
-        t = self.paddle.to_tensor
-        return self.model.decode(t(att_feats), t(att_masks), beam_size=beam_size, max_length=max_length, **options)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -111,7 +64,8 @@ def caption_images(
     progress: bool = True,
 ) -> list[dict]:
     """COCO results for ``images`` (listing order). One stream: feature files are read one batch ahead on a
-    thread; ``backend.streams`` > 1: that many batches are read and decoded at once (runtime.captioner.in_streams)."""
+    thread; ``backend.streams`` > 1: that many batches are read and decoded at once
+    (``aoanet_runtime.captioner.in_streams``)."""
     counts = [region_count(img, backend.width) for img in images]  # fail fast, before any decoding
     plan = batch_plan(counts, batch_size)
     seqs = np.zeros((len(images), max_length), dtype=np.int64)
@@ -157,7 +111,9 @@ def infer(
     features: Optional[Path] = typer.Option(
         None, "--features", help="data dir (cocotalk.json + cocobu_att/) or a folder of <id>.npz / <id>.npy"
     ),
-    backend: Backend = typer.Option(Backend.onnx, "--backend", help="onnx (onnxruntime) or paddle"),
+    backend: str = typer.Option(
+        "onnx", "--backend", help="onnx (onnxruntime), or paddle (the checkpoint in Paddle; the training package)"
+    ),
     precision: Precision = typer.Option(
         Precision.fp32, "--precision", help="fp32, or int8: the quantized graphs of `aoanet-export --int8` (onnx)"
     ),
@@ -186,27 +142,25 @@ def infer(
     try:
         if features is None and input_json is None and att_dir is None:
             raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
-        if backend is Backend.paddle and precision is not Precision.fp32:
+        if backend != "onnx" and precision is not Precision.fp32:
             raise InferError(
                 f"--precision {precision.value} is for --backend onnx (the quantized graphs of an export dir); "
-                "--backend paddle runs the checkpoint in fp32"
+                f"--backend {backend} runs in fp32"
             )
-        if backend is Backend.paddle and streams != 1:
-            raise InferError("--streams is for --backend onnx; --backend paddle decodes one batch at a time")
+        if backend != "onnx" and streams != 1:
+            raise InferError(f"--streams is for --backend onnx; --backend {backend} decodes one batch at a time")
         length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
         images = list_images(features, split, input_json=input_json, att_dir=att_dir)
         if num_images >= 0:
             images = images[:num_images]
         if not images:
             raise InferError("no images to caption")
-        if backend is Backend.onnx:
+        if backend == "onnx":
             if model is None:
                 raise InferError("--backend onnx needs --model EXPORT_DIR")
-            engine = OnnxBackend(model, threads, precision.value, streams)
+            engine = load_backend("onnx", model=model, threads=threads, precision=precision.value, streams=streams)
         else:
-            if checkpoint is None:
-                raise InferError("--backend paddle needs --checkpoint CHECKPOINT_DIR")
-            engine = PaddleBackend(checkpoint, which, threads)
+            engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads)
         options: dict = {"block_trigrams": block_trigrams}
         if remove_bad_endings:
             options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
@@ -218,11 +172,11 @@ def infer(
         )
         seconds = time.perf_counter() - start
         write_json_atomic(out, results)
-    except (InferError, FeatureError, ValueError) as e:
+    except (InferError, BackendError, FeatureError, ValueError) as e:
         typer.echo(f"aoanet-infer: error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(
-        f"wrote {len(results)} captions to {out} ({backend.value} {precision.value}, beam {beam_size}): "
+        f"wrote {len(results)} captions to {out} ({backend} {precision.value}, beam {beam_size}): "
         f"{len(results) / seconds:.2f} images/s ({seconds:.1f} s)"
     )
 

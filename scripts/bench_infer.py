@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")  # before Paddle is imported (aoanet does the same)
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from aoanet.cpu import configure_math_library  # noqa: E402
+
+configure_math_library()  # before Paddle is imported
 
 V, F, N_REGIONS = 9487, 2048, 36
 
@@ -88,7 +89,7 @@ class StaticSession:
     every output, in the contract's order ``names``)."""
 
     def __init__(self, files, threads: int, names):
-        from export.static import StaticPredictor
+        from aoanet_export.static import StaticPredictor
 
         self.predictor, self.names = StaticPredictor(files, threads), list(names)
 
@@ -109,7 +110,7 @@ def cpu_name() -> str:
 
 def cpu_isa() -> dict:
     """The CPU's vector instruction sets that decide the fp32 and int8 rates (/proc/cpuinfo), and its family/model."""
-    from runtime.captioner import INT8_DOT_FLAGS
+    from aoanet_runtime.sessions import INT8_DOT_FLAGS
 
     info = {}
     try:
@@ -201,8 +202,8 @@ def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int) -> f
     import onnx
     import onnxruntime as ort
 
-    from export import quantize
-    from runtime.captioner import session_options
+    from aoanet_export import quantize
+    from aoanet_runtime.sessions import session_options
 
     with tempfile.TemporaryDirectory() as work:
         src, dst = Path(work) / "matmul.onnx", Path(work) / "matmul.int8.onnx"
@@ -247,7 +248,7 @@ def ensure_export(work: Path) -> Path:
 
     from aoanet.model import build_model
     from aoanet.train.checkpoint import atomic_paddle_save, write_model_json
-    from export import export_checkpoint
+    from aoanet_export import export_checkpoint
 
     checkpoint = work / "checkpoint"
     if not (checkpoint / "model.pdparams").is_file():
@@ -280,8 +281,7 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    import aoanet  # noqa: F401  (MKL_DEBUG_CPU_TYPE)
-    from runtime import Captioner
+    from aoanet_runtime import Captioner
 
     export_dir = ensure_export(args.work)
     manifest = json.loads((export_dir / "manifest.json").read_text())
@@ -434,7 +434,8 @@ def main() -> int:
     # predictor leaves the process's math library on 1 thread, and the dynamic graph then runs ~35% slower
     # (measured: 15.1 -> 9.5-9.9 images/s; paddle.base.core.set_num_threads restores it), which would flatter every
     # ratio to the dynamic graph.
-    from export.static import DECODER_OUTPUTS, ENCODER_OUTPUTS, StaticFiles
+    from aoanet_export.static import StaticFiles
+    from aoanet_runtime.contract import DECODER_OUTPUTS, ENCODER_OUTPUTS
 
     static_files = {
         name: StaticFiles(export_dir / entry["model_file"], export_dir / entry["params_file"])

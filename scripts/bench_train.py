@@ -13,16 +13,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from aoanet.cpu import configure_math_library  # noqa: E402
+
+configure_math_library()  # before Paddle is imported
 
 import paddle  # noqa: E402
 

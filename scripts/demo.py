@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from aoanet.cpu import configure_math_library
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "artifacts" / "demo"
@@ -147,8 +148,8 @@ def infer_int8(export_dir: Path, beam_size: int, beam_sizes=(1, 2, 3), out_dir: 
 
 
 def captioning_speed(export_dir: Path, beam_size: int, repeats: int = 3) -> dict:
-    from runtime import Captioner
-    from runtime.features import list_images, read_features
+    from aoanet_runtime import Captioner
+    from aoanet_runtime.features import list_images, read_features
 
     images = list_images(DATA, "test")
     rates = {}
@@ -199,7 +200,7 @@ def main():
     ap.add_argument("--beam-size", type=int, default=2, help="test-time beam (the authors report beam 2)")
     ap.add_argument("--skip-scst", action="store_true")
     args = ap.parse_args()
-    os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    configure_math_library()  # the demo runs the commands in this process and in child processes
     started = time.time()
     DEMO.mkdir(parents=True, exist_ok=True)
     for stale in ("xe", "scst", "export"):

@@ -3,7 +3,7 @@
     python scripts/parity_infer.py --checkpoint CKPT_DIR --model EXPORT_DIR --features DATA_DIR \
         [--split test] [--beam-sizes 1 2 3] [--batch-size 50] [--num-images 200] [--out parity_infer.json]
 
-Both backends decode the same batches (``runtime.features.batch_plan``, as ``aoanet-infer`` does) through the
+Both backends decode the same batches (``aoanet_runtime.features.batch_plan``, as ``aoanet-infer`` does) through the
 same search; reports, per beam size, the images whose captions differ (the target is none) and the largest
 difference of the chosen tokens' log-probs where the captions agree (target <= 1e-4). Exit status 1 if either
 target is missed. ``compare_backends`` is the function the tests use.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from aoanet.cpu import configure_math_library  # noqa: E402
+
+configure_math_library()  # before Paddle is imported
 
 LOGPROB_TOLERANCE = 1e-4
 
@@ -76,10 +77,9 @@ def main() -> int:
 
     import paddle
 
-    import aoanet  # noqa: F401
     from aoanet.train.checkpoint import load_model
-    from runtime import Captioner
-    from runtime.features import batch_plan, list_images, pad_batch, read_features, region_count
+    from aoanet_runtime import Captioner
+    from aoanet_runtime.features import batch_plan, list_images, pad_batch, read_features, region_count
 
     paddle.base.core.set_num_threads(os.cpu_count() or 1)
     model, _ = load_model(args.checkpoint, args.which)

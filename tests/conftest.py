@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from aoanet.cli.data import app as data_app
+from aoanet.cpu import configure_math_library
+
+configure_math_library()  # before any test imports Paddle, as the commands do
+
+from aoanet.cli.data import app as data_app  # noqa: E402
 
 
 @pytest.fixture(scope="session")

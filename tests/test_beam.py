@@ -1,4 +1,4 @@
-"""runtime.beam against an independent, per-image transcription of the authors' beam search.
+"""aoanet_runtime.beam against an independent, per-image transcription of the authors' beam search.
 
 The reference below (``ref_beam_search``) follows the authors' ``models/CaptionModel.py``
 beam_search/beam_step one image at a time, with Python lists of candidate dicts, and always runs
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.beam import TRIGRAM_PENALTY, DecodeResult, _topk, beam_search, greedy, length_penalty_fn
-from runtime.vocab import bad_ending_ids, decode_sequence
+from aoanet_runtime.beam import TRIGRAM_PENALTY, DecodeResult, _topk, beam_search, greedy, length_penalty_fn
+from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
 
 # ----------------------------------------------------------------------------------------------------
 # Toy decoders
@@ -339,7 +339,7 @@ def test_greedy_keep_drops_finished_rows():
 def test_search_dispatches_greedy_or_beam_with_their_own_options():
     """search: beam 1 with greedy_unk is greedy (beam-only options dropped, greedy's kept); beam 1 without it is a
     one-beam search (which suppresses UNK, unlike greedy: the model here loves UNK)."""
-    from runtime.beam import search
+    from aoanet_runtime.beam import search
 
     model = ToyRNN(**MODELS["peaky"], unk_bias=3.0)
     feats = model.images(6, seed=3)
@@ -678,7 +678,7 @@ def test_candidates_top_equals_the_full_search_ranking():
     """Candidates.top from each row's k + 1 best words equals the top-k of the full log-probs after the UNK
     penalty (values, ids, raw values), including rows where UNK is among the best, ties, and a tiny vocabulary
     where every word is a candidate."""
-    from runtime.beam import Candidates
+    from aoanet_runtime.beam import Candidates
 
     rng = np.random.default_rng(5)
     for vocab1, k in ((30, 3), (30, 1), (4, 3), (3, 3)):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,12 @@ import pytest
 from test_runtime import SMALL, F, R, V, make_checkpoint, random_batch, run_cli, run_without_paddle
 from typer.testing import CliRunner
 
-from export import ExportError, export_checkpoint, quantize
-from export import manifest as manifest_mod
-from runtime import Captioner, ExportDirError
-from runtime import captioner as captioner_mod
-from runtime.captioner import CPU, INT8_PRECISION_OPTION, cpu_has_int8_dot, session_options
+from aoanet_export import ExportError, export_checkpoint, quantize
+from aoanet_export import manifest as manifest_mod
+from aoanet_runtime import Captioner, ExportDirError
+from aoanet_runtime import sessions as sessions_mod
+from aoanet_runtime.contract import FORMAT_VERSION
+from aoanet_runtime.sessions import CPU, INT8_PRECISION_OPTION, cpu_has_int8_dot, session_options
 
 INT8 = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
 
@@ -49,7 +52,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory) -> tuple[Path, str]:
     """An export with the int8 graphs, made by the command; (export dir, the command's output)."""
-    from export.cli import app
+    from aoanet_export.cli import app
 
     out = tmp_path_factory.mktemp("export") / "aoanet"
     result = CliRunner().invoke(app, ["--checkpoint", str(checkpoint), "--out", str(out), "--int8"])
@@ -93,7 +96,7 @@ def _signature(model) -> list:
 def test_int8_files_are_hashed_in_the_manifest(exported):
     out, output = exported
     manifest = manifest_mod.verify(out)  # every listed file matches its sha256
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == FORMAT_VERSION
     assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", *INT8.values()}
     for name in INT8.values():
         entry = manifest["files"][name]
@@ -121,6 +124,19 @@ def test_int8_files_are_hashed_in_the_manifest(exported):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", "parity.json", "static", "encoder.onnx", "decoder.onnx", *INT8.values()]
     )
+
+
+def test_every_exported_graph_loads_without_a_warning(export_dir):
+    """onnxruntime, with its default options and logging, prints nothing when it loads any exported graph, fp32 or
+    int8: no unused constants, no initializer listed as an input (export.onnx_convert.prune_unused; topk is a plain
+    input)."""
+    files = [export_dir / name for name in ("encoder.onnx", "decoder.onnx", *INT8.values())]
+    code = (
+        "import sys, onnxruntime as ort\n"
+        "for f in sys.argv[1:]: ort.InferenceSession(f, providers=['CPUExecutionProvider'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr[:2000]
 
 
 def test_int8_graphs_are_quantized_smaller_and_keep_the_contract(export_dir):
@@ -161,6 +177,7 @@ def test_int8_decoder_step_is_close_to_fp32(export_dir):
             "att_values": values,
             "att_keys": keys,
             "att_masks": masks,
+            "topk": np.array([1], np.int64),
         }
         a, b = fp32.run(["logprobs"], feeds)[0], int8.run(["logprobs"], feeds)[0]
         assert np.isfinite(b).all() and b.shape == a.shape
@@ -282,18 +299,18 @@ def test_cpu_has_int8_dot(flags, expected):
 
 
 def test_runtime_int8_notice_on_cpus_without_vnni(export_dir, monkeypatch, caplog):
-    monkeypatch.setattr(captioner_mod, "_notified_int8", False)
-    monkeypatch.setattr(captioner_mod, "cpu_has_int8_dot", lambda: False)
-    with caplog.at_level("WARNING", logger="runtime.captioner"):
+    monkeypatch.setattr(sessions_mod, "_notified_int8", False)
+    monkeypatch.setattr(sessions_mod, "cpu_has_int8_dot", lambda: False)
+    with caplog.at_level("WARNING", logger="aoanet_runtime.sessions"):
         Captioner.from_dir(export_dir)  # fp32: no notice
         assert "VNNI" not in caplog.text
         Captioner.from_dir(export_dir, precision="int8")
         Captioner.from_dir(export_dir, precision="int8")
     assert caplog.text.count("no int8 dot-product instructions (VNNI)") == 1  # one line per process
-    monkeypatch.setattr(captioner_mod, "_notified_int8", False)
-    monkeypatch.setattr(captioner_mod, "cpu_has_int8_dot", lambda: True)
+    monkeypatch.setattr(sessions_mod, "_notified_int8", False)
+    monkeypatch.setattr(sessions_mod, "cpu_has_int8_dot", lambda: True)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="runtime.captioner"):
+    with caplog.at_level("WARNING", logger="aoanet_runtime.sessions"):
         Captioner.from_dir(export_dir, precision="int8")
     assert "VNNI" not in caplog.text
 
@@ -351,7 +368,7 @@ def test_runtime_int8_errors(export_dir, tmp_path):
 def test_runtime_int8_works_where_paddle_cannot_be_imported(export_dir):
     code = f"""
 import numpy as np
-from runtime import Captioner
+from aoanet_runtime import Captioner
 c = Captioner.from_dir({str(export_dir)!r}, precision="int8")
 r = c.caption([np.ones((k, {F}), np.float32) for k in (3, 1)], beam_size=2)
 """

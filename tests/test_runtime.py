@@ -22,11 +22,12 @@ import pytest
 
 from aoanet.model import build_model
 from aoanet.train.checkpoint import atomic_paddle_save, load_model, write_model_json
-from export import export_checkpoint
-from runtime import Captioner, ExportDirError, FeatureError
-from runtime import cli as infer_cli
-from runtime.captioner import default_threads, in_streams
-from runtime.features import ImageFile, batch_plan, list_images, pad_batch, read_features, region_count
+from aoanet_export import export_checkpoint
+from aoanet_runtime import Captioner, ExportDirError, FeatureError
+from aoanet_runtime import cli as infer_cli
+from aoanet_runtime.captioner import in_streams
+from aoanet_runtime.features import ImageFile, batch_plan, list_images, pad_batch, read_features, region_count
+from aoanet_runtime.sessions import default_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 V, R, F = 40, 32, 16
@@ -131,18 +132,28 @@ def test_onnx_and_paddle_give_identical_captions(model, captioner, beam_size):
     assert len(set(lengths.tolist())) >= 3 and lengths.max() == 20 and lengths.min() < 10
 
 
-def test_memory_per_image_equals_memory_per_row(captioner):
-    """The runtime feeds the decoder each image's memory (keys, values, mask) once for its beams; fed it once
-    per row instead, the same graph gives the same captions and scores."""
-    assert captioner.memory_per_image
-    per_row = Captioner(captioner.encoder, captioner.decoder, captioner.manifest)
-    per_row.memory_per_image = False
+def test_decoder_memory_per_image_equals_memory_per_row(captioner):
+    """The runtime feeds the decoder each image's memory (keys, values, mask) once for its K beams; the same graph
+    fed the memory repeated per row gives the same log-probs and states over chained steps."""
     feats, masks = random_batch(3)
-    for beam_size in (2, 3):
-        a, b = captioner.decode(feats, masks, beam_size), per_row.decode(feats, masks, beam_size)
-        np.testing.assert_array_equal(a.seqs, b.seqs)
-        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
-        assert a.n_steps == b.n_steps
+    mean, values, keys = captioner.encode(feats, masks)
+    k = 3
+    rows = feats.shape[0] * k
+    per_image = {"att_values": values, "att_keys": keys, "att_masks": masks}
+    per_row = {name: np.repeat(x, k, axis=0) for name, x in per_image.items()}
+    it = np.zeros(rows, np.int64)
+    states = {"image": (np.zeros((2, rows, R), np.float32),) * 2, "row": (np.zeros((2, rows, R), np.float32),) * 2}
+    for _ in range(4):
+        out = {}
+        for form, memory in (("image", per_image), ("row", per_row)):
+            h, c = states[form]
+            feeds = {"it": it, "state_h": h, "state_c": c, "mean_feats": np.repeat(mean, k, axis=0), **memory,
+                     "topk": np.array([1], np.int64)}
+            out[form] = captioner.decoder.run(["logprobs", "next_state_h", "next_state_c"], feeds)
+            states[form] = tuple(out[form][1:])
+        for a, b in zip(out["image"], out["row"], strict=True):  # the same products, another summation order
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        it = out["image"][0].argmax(axis=1)
 
 
 def test_memory_on_the_device_gives_the_same_results(captioner):
@@ -150,7 +161,6 @@ def test_memory_on_the_device_gives_the_same_results(captioner):
     dropped; the default on CUDA) gives the same results as host feeds, here on the CPU; every decoder run took
     the OrtValues."""
     assert not captioner.device_memory  # the CPU default
-    bound = Captioner(captioner.encoder, captioner.decoder, captioner.manifest)
     calls = collections.Counter()
 
     class Spy:  # counts the two ways of running the decoder
@@ -159,7 +169,7 @@ def test_memory_on_the_device_gives_the_same_results(captioner):
                 calls[name] += 1
             return getattr(captioner.decoder, name)
 
-    bound.decoder, bound.device_memory = Spy(), True
+    bound = Captioner(captioner.encoder, Spy(), captioner.manifest, device_memory=True)
     to_device = bound._to_device
 
     def counted(memory):
@@ -178,19 +188,26 @@ def test_memory_on_the_device_gives_the_same_results(captioner):
         assert a.n_steps == b.n_steps and calls["run_with_ort_values"] == b.n_steps and not calls["run"], calls
         if beam_size == 1:  # greedy drops each image as it ends: the memory was sent again, with fewer images
             assert calls["to_device"] > 1 and len(set((a.seqs > 0).sum(axis=1).tolist())) > 1
-    # with memory per row too (rows_per_memory 1: the kept rows are the memory's rows)
-    bound.memory_per_image = False
-    b = bound.decode(feats, masks, 3)
-    np.testing.assert_array_equal(captioner.decode(feats, masks, 3).seqs, b.seqs)
 
 
 def test_candidate_head_gives_the_same_results_as_the_log_probs(captioner):
     """The decoder's candidate head (top-k words fetched from the graph) and the full log-probs searched in numpy
     give the same captions, scores, per-token log-probs and step counts, for greedy and beam search, with and
     without UNK suppression and a length penalty; the head is really what the search read."""
-    assert captioner.has_candidate_head and captioner.use_candidates
-    full = Captioner(captioner.encoder, captioner.decoder, captioner.manifest)
-    full.use_candidates = False
+    assert captioner.has_candidate_head
+
+    class WithoutHead:  # the same graph, presented as a decoder without the candidate head (format 2)
+        def get_inputs(self):
+            return [i for i in captioner.decoder.get_inputs() if i.name != "topk"]
+
+        def run(self, names, feeds):
+            return captioner.decoder.run(names, {**feeds, "topk": np.array([1], np.int64)})
+
+        def __getattr__(self, name):
+            return getattr(captioner.decoder, name)
+
+    full = Captioner(captioner.encoder, WithoutHead(), captioner.manifest)
+    assert not full.has_candidate_head
     fetched = []
     run = captioner.decoder.run
 
@@ -221,7 +238,7 @@ def test_candidate_head_gives_the_same_results_as_the_log_probs(captioner):
 
 
 def test_beam_search_refuses_candidates_that_cannot_stand_for_the_log_probs():
-    from runtime.beam import Candidates, beam_search, greedy
+    from aoanet_runtime.beam import Candidates, beam_search, greedy
 
     def step_with(k):
         def step(it, ctx):
@@ -386,8 +403,8 @@ def test_runtime_works_where_paddle_cannot_be_imported(export_dir, data_dir, tmp
     out = tmp_path / "captions.json"
     code = f"""
 import json, numpy as np
-from runtime import Captioner
-from runtime.cli import main
+from aoanet_runtime import Captioner
+from aoanet_runtime.cli import main
 c = Captioner.from_dir({str(export_dir)!r})
 rng = np.random.default_rng(0)
 r = c.caption([np.abs(rng.standard_normal((k, {F}))).astype(np.float32) for k in (3, 1, 5)], beam_size=2)

@@ -1,0 +1,9 @@
+"""The training side's commands (aoanet-train, aoanet-eval, aoanet-data, aoanet-convert).
+
+Importing a command tunes Paddle's math library for this CPU before Paddle is loaded (``aoanet.cpu``); the library
+modules themselves leave the environment alone.
+"""
+
+from aoanet.cpu import configure_math_library
+
+configure_math_library()

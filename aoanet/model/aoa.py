@@ -200,13 +200,14 @@ class AoAModel(nn.Layer):
         max_length: int = 20,
         greedy_unk: bool = True,
         **options,
-    ) -> runtime.beam.DecodeResult:  # noqa: F821
-        """Greedy (beam_size=1 with ``greedy_unk``) or beam search through the shared numpy search (runtime.beam).
+    ) -> aoanet_runtime.beam.DecodeResult:  # noqa: F821
+        """Greedy (beam_size=1 with ``greedy_unk``) or beam search through the runtime's numpy search
+        (``aoanet_runtime.beam``).
 
         The search semantics are the authors' (§4.2); the same code drives the onnxruntime backend, so both give
         the same captions. ``options``: length_penalty, block_trigrams, bad_ending_ids, early_stop.
         """
-        from runtime.beam import is_greedy, search
+        from aoanet_runtime.beam import is_greedy, search
 
         mean_feats, p_att_feats = self.encode(att_feats, att_masks)
         batch = mean_feats.shape[0]
@@ -297,7 +298,7 @@ class FoldedStep(nn.Layer):
     float64) looked up per row, and the rest is one product ``[m + c; h] [W_ih[:, e:]; W_hh]^T``. That removes the
     e x 4R product per decoder row (15% of a full-size step's FLOPs) for a table of (V+1) x 4R floats. Equal to
     ``_step`` up to float rounding, in eval mode only (embedding dropout does not commute with the product); a
-    snapshot of the weights when it is built. The exported decoder uses it (export.static.DecoderGraph).
+    snapshot of the weights when it is built. The exported decoder uses it (aoanet_export.static.DecoderGraph).
     """
 
     def __init__(self, model: AoAModel):

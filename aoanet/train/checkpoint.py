@@ -20,7 +20,7 @@ from pathlib import Path
 import paddle
 
 from aoanet.model import AoAModel, ModelOptions
-from runtime import atomic
+from aoanet_runtime import atomic
 
 FORMAT = "aoanet-checkpoint/1"
 WEIGHTS = {"last": "model.pdparams", "best": "model-best.pdparams"}
