@@ -20,11 +20,16 @@ before each timed iteration; the median of the per-iteration fractions).
 ``--authors CMD`` runs the authors' side in interleaved rounds: per round and measure, CMD (with ``{measure}``
 replaced) and this project's worker one after the other (the order alternating between rounds); CMD must print
 a JSON line with ``median_s`` and ``peak_rss_mb`` (the anchor harness does). Ratios are taken per round, so
-that a change of the machine's load between rounds does not bias them. ``--mkl`` measures this project under
-several ``MKL_DEBUG_CPU_TYPE`` settings (``none`` = no override). Writes artifacts/bench/train.json.
+that a change of the machine's load between rounds does not bias them. ``--variants`` measures this project in
+several settings, each against the first: ``default`` (as shipped), ``mkl-none`` (``MKL_DEBUG_CPU_TYPE`` set
+empty: no override, MKL picks its own path), ``mkl-5`` (forced AVX2 path), ``glibc-malloc`` (without
+``aoanet.cpu.configure_allocator``), ``before`` (the step as it was before docs/benchmarks.md's "Training speed":
+autograd through the per-step decoder, plain autograd Linear/LayerNorm, Paddle's ClipGradByValue, one Adam kernel
+per parameter, glibc's malloc defaults). Writes artifacts/bench/train.json.
 
     python scripts/bench_train.py [--measures xe,scst,greedy,beam2,beam3] [--rounds 2]
         [--authors "/path/python /path/authors_bench.py {measure}" --authors-cwd /path/AoANet]
+        [--variants default,mkl-none,before]
 """
 
 from __future__ import annotations
@@ -155,8 +160,10 @@ class MatmulRate:
                          for name, (m, k, n) in MATMUL_SHAPES.items()}
         self.best = dict.fromkeys(MATMUL_SHAPES, 0.0)
         self.probes = []  # the best of each probe, one per timed iteration
+        self.faults = 0
 
     def probe(self) -> float:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         best = 0.0
         for name, (a, b) in self.operands.items():
             m, k, n = MATMUL_SHAPES[name]
@@ -165,6 +172,7 @@ class MatmulRate:
             self.best[name] = max(self.best[name], rate)
             best = max(best, rate)
         self.probes.append(best)
+        self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # not the step's
         return best
 
 
@@ -175,11 +183,14 @@ def _timed(fn) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- one measure
-def worker(measure: str, threads: int, iters: int) -> dict:
+VARIANTS = ("default", "mkl-none", "mkl-5", "glibc-malloc", "before")
+
+
+def worker(measure: str, threads: int, iters: int, variant: str = "default") -> dict:
     from aoanet.cpu import configure_allocator, configure_math_library
 
     configure_math_library()  # before Paddle is imported (leaves a value set by the caller alone)
-    allocator = configure_allocator()  # as the commands do (not when the caller set glibc's malloc variables)
+    allocator = {} if variant in ("glibc-malloc", "before") else configure_allocator()  # as the commands do
     import paddle
 
     from aoanet.config import TrainConfig
@@ -204,15 +215,24 @@ def worker(measure: str, threads: int, iters: int) -> dict:
         phases[name] = phases.get(name, 0.0) + (t - t0)
         return t
 
+    forward, sample = model.__call__, model.sample
+    if variant == "before":
+        from aoanet.model import layers
+
+        layers.fast_backward = lambda training: False  # plain autograd Linear and LayerNorm
+        forward, sample = model.forward_stepwise, model.sample_stepwise
     if measure in ("xe", "scst"):
         lr = 2e-4 if measure == "xe" else 2e-5
         opt = build_optimizer(TrainConfig(learning_rate=lr, grad_clip=0.1), model.parameters())
+        if variant == "before":
+            opt = paddle.optimizer.Adam(learning_rate=lr, parameters=model.parameters(),
+                                        grad_clip=paddle.nn.ClipGradByValue(0.1))
         model.train()
     if measure == "xe":
 
         def step():
             t = time.perf_counter()
-            logprobs = model(feats, masks, labels_t, seq_per_img=SPI)
+            logprobs = forward(feats, masks, labels_t, seq_per_img=SPI)
             loss = language_model_loss(logprobs, labels_t[:, 1:], lmask_t[:, 1:], 0.2)
             float(loss)
             t = phase("forward", t)
@@ -234,7 +254,7 @@ def worker(measure: str, threads: int, iters: int) -> dict:
             greedy = model.decode(feats, masks, beam_size=1, max_length=MAX_LEN).seqs
             model.train()
             t = phase("greedy", t)
-            seqs, logps = model.sample(feats, masks, sample_n=SPI, max_length=MAX_LEN)
+            seqs, logps = sample(feats, masks, sample_n=SPI, max_length=MAX_LEN)
             t = phase("sample", t)
             rewards, _ = self_critical_rewards(scorer, seqs.numpy(), greedy, gts, SPI)
             t = phase("reward", t)
@@ -273,12 +293,14 @@ def worker(measure: str, threads: int, iters: int) -> dict:
         step()
     phases.clear()
     times, fractions = [], []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(iters):
         probe = rate.probe()
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
         fractions.append(step_flops(measure, info, IMAGES) / times[-1] / 1e9 / probe)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults - rate.faults
     median = statistics.median(times)
     flops = step_flops(measure, info, IMAGES)
     total = sum(phases.values())
@@ -289,6 +311,7 @@ def worker(measure: str, threads: int, iters: int) -> dict:
         "times_s": times,
         "images_per_s": IMAGES / median,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "page_faults_per_iter": faults / iters,
         "phases": {k: v / total for k, v in phases.items()},
         "flops": flops,
         "gflops_per_s": flops / median / 1e9,
@@ -296,6 +319,7 @@ def worker(measure: str, threads: int, iters: int) -> dict:
         # per timed iteration: the step's GFLOP/s over the matmul rate probed just before it
         "fraction_of_matmul_rate": statistics.median(fractions),
         "fractions_per_iteration": fractions,
+        "variant": variant,
         "MKL_DEBUG_CPU_TYPE": os.environ.get("MKL_DEBUG_CPU_TYPE"),
         "allocator": allocator,
         "paddle": paddle.__version__,
@@ -312,18 +336,16 @@ def run_json(cmd, cwd=None, env=None) -> dict:
     return json.loads(lines[-1])
 
 
-def ours(measure, args, mkl: str) -> dict:
+def ours(measure, args, variant: str) -> dict:
     env = dict(os.environ)
-    if mkl == "auto":
-        env.pop("MKL_DEBUG_CPU_TYPE", None)  # aoanet.cpu decides
-    elif mkl == "none":
+    env.pop("MKL_DEBUG_CPU_TYPE", None)  # aoanet.cpu decides
+    if variant == "mkl-none":
         env["MKL_DEBUG_CPU_TYPE"] = ""  # set, so aoanet.cpu leaves it; empty, so MKL picks its own path
-    else:
-        env["MKL_DEBUG_CPU_TYPE"] = mkl
-    cmd = [sys.executable, __file__, "--worker", measure, "--threads", str(args.threads), "--iters", str(args.iters)]
-    out = run_json(cmd, env=env)
-    out["mkl_setting"] = mkl
-    return out
+    elif variant == "mkl-5":
+        env["MKL_DEBUG_CPU_TYPE"] = "5"
+    cmd = [sys.executable, __file__, "--worker", measure, "--variant", variant, "--threads", str(args.threads),
+           "--iters", str(args.iters)]
+    return run_json(cmd, env=env)
 
 
 def authors(measure, args) -> dict:
@@ -355,19 +377,22 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--authors", default=None, help="command timing the authors' code, with {measure}")
     ap.add_argument("--authors-cwd", default=None)
-    ap.add_argument("--mkl", default="auto", help="comma-separated MKL_DEBUG_CPU_TYPE settings: auto, none, 5")
+    ap.add_argument("--variants", default="default", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench" / "train.json"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads, args.iters)), flush=True)
+        print(json.dumps(worker(args.worker, args.threads, args.iters, args.variant)), flush=True)
         return 0
 
     measures = [m for m in args.measures.split(",") if m]
     unknown = set(measures) - set(MEASURES)
     if unknown:
         ap.error(f"unknown measure(s) {sorted(unknown)}; known: {', '.join(MEASURES)}")
-    mkls = args.mkl.split(",")
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS):
+        ap.error(f"unknown variant(s) {sorted(set(variants) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
     runs = {m: [] for m in measures}
     report = {"cpu": cpu_info(), "threads": args.threads or os.cpu_count(), "load_average_before": load(),
               "work": f"{IMAGES} images x {REGIONS} regions x {F}; {SPI} captions of {WORDS} words per image; "
@@ -382,16 +407,16 @@ def main() -> int:
                     entry["authors"] = authors(measure, args)
                     print(f"round {rnd} {measure:6s} authors  {entry['authors']['median_s']:8.3f} s", flush=True)
                 elif side == "ours":
-                    for mkl in mkls:
-                        r = ours(measure, args, mkl)
-                        entry[f"ours[{mkl}]"] = r
-                        print(f"round {rnd} {measure:6s} paddle[{mkl}] {r['median_s']:8.3f} s  "
+                    for variant in variants:
+                        r = ours(measure, args, variant)
+                        entry[f"ours[{variant}]"] = r
+                        print(f"round {rnd} {measure:6s} paddle[{variant}] {r['median_s']:8.3f} s  "
                               f"{r['gflops_per_s']:6.1f} GFLOP/s = {r['fraction_of_matmul_rate']:.0%} of matmul "
                               f"({r['matmul_gflops_per_s']['median']:.0f})", flush=True)
             runs[measure].append(entry)
     report["load_average_after"] = load()
     report["runs"] = runs
-    report["summary"] = summarize(runs, mkls)
+    report["summary"] = summarize(runs, variants)
     print_summary(report["summary"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -400,12 +425,12 @@ def main() -> int:
     return 0
 
 
-def summarize(runs: dict, mkls) -> dict:
+def summarize(runs: dict, variants) -> dict:
     summary = {}
     for measure, entries in runs.items():
         s = {}
-        for mkl in mkls:
-            key = f"ours[{mkl}]"
+        for variant in variants:
+            key = f"ours[{variant}]"
             mine = [e[key] for e in entries]
             s[key] = {
                 "median_s": statistics.median(r["median_s"] for r in mine),
@@ -425,11 +450,13 @@ def summarize(runs: dict, mkls) -> dict:
             s["authors"] = {"median_s": statistics.median(r["median_s"] for r in a),
                             "peak_rss_mb": max(r["peak_rss_mb"] for r in a), "flops": a[0]["flops"],
                             "gflops_per_s": statistics.median(r["gflops_per_s"] for r in a)}
-        if len(mkls) > 1:
-            base = f"ours[{mkls[0]}]"
-            for mkl in mkls[1:]:
-                ratios = [e[base]["median_s"] / e[f"ours[{mkl}]"]["median_s"] for e in entries]
-                s[f"ours[{mkl}]"][f"speedup_vs_{base}"] = statistics.median(ratios)
+        if len(variants) > 1:
+            base = f"ours[{variants[0]}]"
+            for variant in variants[1:]:
+                # how much faster the first setting (as shipped) is than this one, per round
+                ratios = [e[f"ours[{variant}]"]["median_s"] / e[base]["median_s"] for e in entries]
+                s[f"ours[{variant}]"][f"{base}_speedup_over_this"] = {"median": statistics.median(ratios),
+                                                                      "per_round": ratios}
         summary[measure] = s
     return summary
 

@@ -14,6 +14,7 @@ import paddle.nn.functional as F
 from aoanet.model import recurrence
 from aoanet.model.layers import (
     AoADecoderCore,
+    Dropout,
     Refiner,
     log_softmax,
     mask_to_bias,
@@ -40,10 +41,10 @@ class AoAModel(nn.Layer):
                 weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 1.0)),
             ),
             nn.ReLU(),
-            nn.Dropout(o.drop_prob_lm),
+            Dropout(o.drop_prob_lm),
         )
         self.att_embed = nn.Sequential(
-            torch_linear(o.att_feat_size, r), nn.ReLU(), nn.Dropout(o.drop_prob_lm)
+            torch_linear(o.att_feat_size, r), nn.ReLU(), Dropout(o.drop_prob_lm)
         )
         self.logit = torch_linear(r, self.vocab_size + 1)
         self.ctx2att = torch_linear(r, 2 * r)
