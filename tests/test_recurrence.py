@@ -328,3 +328,29 @@ def test_fast_layer_gradients_equal_autograd(monkeypatch):
     assert_same_grads(out[True][2], out[False][2])
     for g in out[True][2].values():
         assert np.isfinite(g).all()
+
+
+def test_inference_step_equals_the_model_step():
+    """AoAModel.decode's step (weights laid out for few rows: aoanet.model.aoa.InferenceStep) against _step, in
+    float64, chained, with beams sharing their image's memory, UNK and BOS among the tokens."""
+    from aoanet.model.aoa import InferenceStep
+    from aoanet.model.layers import mask_to_bias
+
+    model = model64(seed=16)
+    model.eval()
+    feats, mask = inputs([3, 6, 1], seed=7)
+    mean, p_att = model.encode(feats, mask)
+    memory, bias = model.core.split_memory(p_att), mask_to_bias(mask)
+    mean_rows = paddle.repeat_interleave(mean, 2, axis=0)  # 2 beams per image
+    fast = InferenceStep(model)
+    state_a = state_b = model.init_state(6, "float64")
+    for tokens in ([0] * 6, [3, 7, V, 1, 2, 5], [1, 0, 12, 4, V, 9]):
+        it = paddle.to_tensor(np.array(tokens, "int64"))
+        lp_a, state_a = fast(it, state_a, mean_rows, memory, bias)
+        lp_b, state_b = model._step(it, state_b, mean_rows, memory, bias)
+        assert np.abs(lp_a.numpy() - lp_b.numpy()).max() <= 1e-10
+        for a, b in zip(state_a, state_b):
+            assert np.abs(a.numpy() - b.numpy()).max() <= 1e-12
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        InferenceStep(model)

@@ -276,9 +276,11 @@ class AoAModel(nn.Layer):
             "mask_bias": mask_to_bias(att_masks),
         }
         per_image = ("values", "keys", "mask_bias")
+        fast = not self.training and recurrence.available(mean_feats)
+        inference_step = InferenceStep(self) if fast else self._step
 
         def step(it, ctx):
-            logprobs, (h, c) = self._step(
+            logprobs, (h, c) = inference_step(
                 paddle.to_tensor(it, dtype="int64"),
                 (ctx["h"], ctx["c"]),
                 ctx["mean_feats"],
@@ -337,6 +339,41 @@ class AoAModel(nn.Layer):
             )
         result = self.decode(att_feats, att_masks, beam_size=beam_size, max_length=max_length, **options)
         return paddle.to_tensor(result.seqs), paddle.to_tensor(result.logprobs)
+
+
+class InferenceStep:
+    """``AoAModel._step`` for decoding without gradients (eval mode).
+
+    A decoding step runs each weight matrix on a few rows (10 images greedy, k per image in beam search): it
+    reads ~107 MB of weights per step for ~0.6 GFLOP and is bound by memory, not arithmetic. MKL streams a
+    weight matrix faster as the left operand of ``W @ x^T`` than as the right operand of ``x @ W^T``: 12 against
+    9.6 GB/s from memory on the 2-core EPYC measured (docs/benchmarks.md, "Training speed"). The LSTM's weights
+    are stored [4R, in], so its two input products take that form as they are (``nn.LSTMCell`` computes
+    ``x @ W^T``); the other weights stay as they are too (a transposed copy per decode costs more than it saves).
+    The same arithmetic as ``_step`` up to float rounding (tests/test_recurrence.py); eval mode only (no
+    dropout).
+    """
+
+    def __init__(self, model: AoAModel):
+        if model.training:
+            raise ValueError("InferenceStep needs the model in eval mode (model.eval())")
+        self.model = model
+        lstm = model.core.att_lstm
+        self.b_lstm = lstm.bias_ih + lstm.bias_hh
+
+    def __call__(self, it, state, mean_feats, memory, mask_bias):
+        model, core = self.model, self.model.core
+        lstm = core.att_lstm
+        state_h, state_c = state
+        xt = F.relu(F.embedding(it, model.embed[0].weight))
+        inputs = paddle.concat([xt, mean_feats + state_h[1]], axis=1)
+        gates = (paddle.matmul(lstm.weight_ih, inputs, transpose_y=True)
+                 + paddle.matmul(lstm.weight_hh, state_h[0], transpose_y=True)).t() + self.b_lstm
+        i, f, g, o = paddle.split(gates, 4, axis=-1)  # Paddle's (and PyTorch's) LSTMCell gate order
+        c_att = F.sigmoid(f) * state_c[0] + F.sigmoid(i) * paddle.tanh(g)
+        h_att = F.sigmoid(o) * paddle.tanh(c_att)
+        out, h, c = core.after_lstm(h_att, c_att, memory, mask_bias, state_c)
+        return recurrence.log_softmax(model.logit(out)), (h, c)
 
 
 class FoldedStep(nn.Layer):

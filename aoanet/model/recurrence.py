@@ -98,8 +98,9 @@ def _row_sums(x):
     return paddle.matmul(x, paddle.ones([x.shape[-1], 1], dtype=x.dtype))
 
 
-def _log_softmax(x):
-    # x - logsumexp(x), with the sum of exponentials as a product (Paddle's CPU logsumexp: ~100 ms at [850, 9488])
+def log_softmax(x):
+    """x - logsumexp(x) over the last axis, with the sum of exponentials as a product (Paddle's CPU logsumexp:
+    ~100 ms at [850, 9488]); for the dynamic graph (the exported graphs keep aoanet.model.layers.log_softmax)."""
     shifted = x - x.max(axis=-1, keepdim=True)
     return shifted - paddle.log(_row_sums(paddle.exp(shifted)))
 
@@ -130,7 +131,7 @@ class _Recurrence(PyLayer):
             return paddle.matmul(x, w_e, transpose_y=True) + gate_bias
 
         def logprobs(out):
-            return _log_softmax(paddle.matmul(out, w["w_logit"]) + w["b_logit"])
+            return log_softmax(paddle.matmul(out, w["w_logit"]) + w["b_logit"])
 
         # ---------------------------------------------------------------- inputs of every step
         resampled = False
@@ -234,7 +235,7 @@ class _Recurrence(PyLayer):
         ctx.out_bm = out_bm
         if plan.mode == "teacher":
             plan.fed = ctx.fed.transpose([1, 0])
-            lp = _log_softmax(paddle.matmul(out_bm, w["w_logit"]) + w["b_logit"])  # [B, T, V+1]
+            lp = log_softmax(paddle.matmul(out_bm, w["w_logit"]) + w["b_logit"])  # [B, T, V+1]
             ctx.lp = lp
             return lp
         lp_all = paddle.stack(lps, axis=1)  # [B, T, V+1]
