@@ -285,7 +285,19 @@ def main() -> int:
     p.add_argument("--sweep-images", type=int, default=50, help="images per session-option setting (0: skip)")
     p.add_argument("--work", type=Path, default=Path("/tmp/aoanet-bench-infer"))
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "infer.json")
+    p.add_argument("--rates-only", action="store_true",
+                   help="only the matmul rates (fp32, int8 as the runtime runs it, int8 u8 x u8 and u8 x s8)")
     args = p.parse_args()
+    if args.rates_only:
+        rates = {"machine": {"cpu": cpu_name(), "isa": cpu_isa(), "threads": args.threads},
+                 "product": "(1024 x 1024) @ (1024 x 4096), best of --repeats x 10",
+                 "matmul_rate": matmul_rates(args.threads, 10 * args.repeats)}
+        rates["machine"]["load_average_after"] = list(os.getloadavg())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rates, indent=1))
+        print(json.dumps(rates["matmul_rate"], indent=1))
+        print(f"wrote {args.out}")
+        return 0
 
     import onnxruntime as ort
 
