@@ -13,7 +13,6 @@ The infos pickle is read with a restricted unpickler: it builds only plain data 
 from __future__ import annotations
 
 import argparse
-import copyreg
 import io
 import json
 import os
@@ -21,13 +20,14 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from aoanet.safepickle import RestrictedUnpickler, UnsafePickleError
 
 __all__ = [
     "ConversionError",
@@ -45,10 +45,6 @@ __all__ = [
 
 class ConversionError(ValueError):
     """The reference checkpoint cannot be converted (missing, unexpected, mis-shaped tensors, bad options)."""
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle refers to a global outside the allowed plain-data set."""
 
 
 # ---------------------------------------------------------------------------------------------- state dict
@@ -216,79 +212,6 @@ def reference_state_dict(model) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- infos pickle
-def _numpy_module(name: str):
-    import importlib
-
-    # numpy 2 moved numpy.core to numpy._core; resolve to whichever exists, without the deprecated alias.
-    try:
-        return importlib.import_module(f"numpy._core.{name}")
-    except ImportError:
-        return importlib.import_module(f"numpy.core.{name}")
-
-
-def _latin1_encode(obj, encoding="utf-8", errors="strict"):
-    # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, 'latin1').
-    normalized = encoding.lower().replace("-", "").replace("_", "") if isinstance(encoding, str) else None
-    if not isinstance(obj, str) or normalized not in ("latin1", "iso88591", "l1"):
-        raise UnsafePickleError(
-            f"_codecs.encode called with {type(obj).__name__}, {encoding!r}: only latin1 text"
-        )
-    return obj.encode("latin1", errors)
-
-
-def _reconstructor(cls, base, state):
-    # Protocols 0/1 rebuild plain objects through copyreg._reconstructor(cls, object, None).
-    if cls is not argparse.Namespace or base is not object or state is not None:
-        raise UnsafePickleError(f"copyreg._reconstructor({cls!r}, {base!r}, ...) is not allowed")
-    return copyreg._reconstructor(cls, base, state)
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    multiarray, numeric = _numpy_module("multiarray"), _numpy_module("numeric")
-    allowed: dict[tuple[str, str], Any] = {
-        ("argparse", "Namespace"): argparse.Namespace,
-        ("collections", "OrderedDict"): OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "object"): object,  # only as the base argument of copyreg._reconstructor
-        ("copyreg", "_reconstructor"): _reconstructor,
-        ("_codecs", "encode"): _latin1_encode,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy", "ndarray"): np.ndarray,
-    }
-    # numpy scalars and arrays, as numpy 1 (numpy.core) and numpy 2 (numpy._core) write them.
-    for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5 arrays
-    return allowed
-
-
-# Python 2 module names, as the standard unpickler's fix_imports would map them.
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Builds plain data only: every global outside a short allow-list is refused with its name."""
-
-    def __init__(self, file, **kwargs):
-        super().__init__(file, **kwargs)
-        self._allowed = _allowed_globals()
-
-    def find_class(self, module, name):
-        module = _PY2_MODULES.get(module, module)
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refusing to load global {module}.{name}: the infos pickle may only contain plain data "
-                "(dict, list, tuple, str, int, float, bool, None, argparse.Namespace, numpy scalars/arrays)"
-            ) from None
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(f"refusing persistent id {pid!r} in the infos pickle")
-
-
 def restricted_loads(data: bytes):
     """``pickle.loads`` limited to plain data (Python 2 strings decoded as latin1, as the authors' loader)."""
     return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()

@@ -1,5 +1,5 @@
 """``aoanet-export --checkpoint DIR --out EXPORT_DIR [--which best|last] [--opset 17] [--force] [--int8]
-[--no-fold-embedding]``."""
+[--no-fold-embedding] [--extractor DIR]``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -30,6 +31,11 @@ def export_command(
     int8: bool = typer.Option(
         False, "--int8", help="also write int8 (dynamically quantized) graphs: faster and smaller, lossy"
     ),
+    extractor: Optional[Path] = typer.Option(
+        None,
+        "--extractor",
+        help="image extractor dir to serve the model with (default: the one its training features came from)",
+    ),
     fold_embedding: bool = typer.Option(
         True,
         "--fold-embedding/--no-fold-embedding",
@@ -45,7 +51,8 @@ def export_command(
 
     try:
         manifest = export_checkpoint(
-            checkpoint, out, opset=opset, which=which.value, force=force, int8=int8, fold_embedding=fold_embedding
+            checkpoint, out, opset=opset, which=which.value, force=force, int8=int8, fold_embedding=fold_embedding,
+            extractor=extractor,
         )
     except ExportError as e:
         typer.echo(f"aoanet-export: error: {e}", err=True)
@@ -55,6 +62,8 @@ def export_command(
         f"wrote {out} (opset {manifest['opset']}); max |diff| of log-probs: "
         + json.dumps({name: figures[name]["logprobs"] for name in figures})
     )
+    if "extractor" in manifest:
+        typer.echo(f"with the image extractor {manifest['extractor']['backbone']} (captions image files)")
     if "int8" in manifest:
         q = manifest["int8"]
         typer.echo(

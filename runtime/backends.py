@@ -2,8 +2,10 @@
 registers under the entry-point group ``aoanet_runtime.backends``. The training package registers ``paddle`` (its
 dynamic graph, ``aoanet.infer_backend``), so the runtime never names it.
 
-A backend has ``width`` (feature width), ``ix_to_word``, ``streams`` and ``decode(att_feats, att_masks, beam_size,
-max_length, **options) -> DecodeResult`` over one padded batch.
+A backend has ``width`` (feature width), ``ix_to_word``, ``streams``, ``decode(att_feats, att_masks, beam_size,
+max_length, **options) -> DecodeResult`` over one padded batch, and ``image_extractor()`` -> the
+``aoanet_runtime.extractor.Extractor`` its model was trained with (``aoanet-infer --images``), raising BackendError
+when it has none.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ class OnnxBackend:
         self.width = self.captioner.att_feat_size
         self.ix_to_word = self.captioner.ix_to_word
         self.decode = self.captioner.decode
+
+    def image_extractor(self):
+        from aoanet_runtime.exportdir import ExportDirError
+
+        try:
+            return self.captioner.extractor
+        except ExportDirError as e:
+            raise BackendError(str(e)) from None
 
 
 def registered() -> dict:

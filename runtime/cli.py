@@ -1,6 +1,7 @@
-"""``aoanet-infer``: caption a split (or a folder of feature files) into a COCO results JSON.
+"""``aoanet-infer``: caption a split (or a folder of feature files, or pictures) into a COCO results JSON.
 
     aoanet-infer --backend onnx --model EXPORT_DIR --features DATA_DIR [--split test] --out captions.json
+    aoanet-infer --backend onnx --model EXPORT_DIR --images DIR|LIST.txt|FILE... --out captions.json
     aoanet-infer --backend onnx --precision int8 --model EXPORT_DIR ...   (an export made with --int8)
     aoanet-infer --backend paddle --checkpoint CKPT_DIR --features DATA_DIR [--split test] --out captions.json
 
@@ -26,6 +27,7 @@ from aoanet_runtime import atomic
 from aoanet_runtime.backends import BackendError, load_backend
 from aoanet_runtime.beam import length_penalty_fn
 from aoanet_runtime.captioner import in_streams
+from aoanet_runtime.extractor import ExtractorError
 from aoanet_runtime.features import (
     FeatureError,
     ImageFile,
@@ -35,6 +37,7 @@ from aoanet_runtime.features import (
     read_features,
     region_count,
 )
+from aoanet_runtime.images import ImageError, ImageRef, list_image_files, probe
 from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
 
 app = typer.Typer(add_completion=False, help="Caption images from their region features (AoANet).")
@@ -105,11 +108,94 @@ def caption_images(
     return [{"image_id": img.image_id, "caption": cap} for img, cap in zip(images, captions, strict=True)]
 
 
+def caption_pictures(
+    backend,
+    extractor,
+    images: list[ImageRef],
+    beam_size: int,
+    max_length: int,
+    batch_size: int,
+    options: dict,
+    remove_bad_endings: bool = False,
+    progress: bool = True,
+    timings: dict | None = None,
+) -> list[dict]:
+    """COCO results (plus ``file_name``) for picture files. Every file's header is checked first (one error lists
+    every bad file); pictures are grouped by input size (the grid's cell count) into batches; a batch's pictures
+    are decoded and pre-processed on a thread while the previous batch is extracted and decoded. ``timings``
+    (when given) receives the seconds spent in each stage: load (decode + pre-process, on the thread), extract,
+    caption."""
+    spec = extractor.spec
+    bad, cells = [], []
+    for ref in images:
+        try:
+            w, h = probe(ref.path, extractor.max_pixels, spec.min_side)
+        except ImageError as e:
+            bad.append(str(e))
+            continue
+        rows, cols = spec.grid(*spec.input_size(w, h))
+        cells.append(rows * cols)
+    if bad:
+        raise ImageError(f"{len(bad)} of {len(images)} picture(s) cannot be used:\n  " + "\n  ".join(bad))
+    plan = batch_plan(cells, batch_size)
+    seqs = np.zeros((len(images), max_length), dtype=np.int64)
+    spent = {"load": 0.0, "extract": 0.0, "caption": 0.0}
+
+    def load(pos):
+        t = time.perf_counter()
+        loaded = [extractor.load(images[i].path) for i in pos]
+        spent["load"] += time.perf_counter() - t
+        return loaded
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images), unit="img", desc="captioning", file=sys.stderr)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, plan[0])
+            for i, pos in enumerate(plan):
+                loaded = pending.result()
+                if i + 1 < len(plan):
+                    pending = pool.submit(load, plan[i + 1])
+                t = time.perf_counter()
+                feats = extractor.features_of(loaded)
+                t2 = time.perf_counter()
+                att_feats, att_masks = pad_batch([f.att for f in feats])
+                seqs[pos] = backend.decode(att_feats, att_masks, beam_size, max_length, **options).seqs
+                spent["extract"] += t2 - t
+                spent["caption"] += time.perf_counter() - t2
+                if bar is not None:
+                    bar.update(len(pos))
+    finally:
+        if bar is not None:
+            bar.close()
+    if timings is not None:
+        timings.update(spent)
+    captions = decode_sequence(backend.ix_to_word, seqs, remove_bad_endings=remove_bad_endings)
+    return [
+        {"image_id": img.image_id, "caption": cap, "file_name": str(img.path)}
+        for img, cap in zip(images, captions, strict=True)
+    ]
+
+
 @app.command()
 def infer(
     out: Path = typer.Option(..., "--out", help="COCO results JSON to write: [{image_id, caption}]"),
     features: Optional[Path] = typer.Option(
         None, "--features", help="data dir (cocotalk.json + cocobu_att/) or a folder of <id>.npz / <id>.npy"
+    ),
+    images: Optional[list[Path]] = typer.Option(
+        None,
+        "--images",
+        help="pictures instead of features: a directory, a .txt list or files (needs a model with an extractor)",
+    ),
+    coco_ids: bool = typer.Option(
+        False, "--coco-ids", help="--images: ids are the number ending the file name (COCO_val2014_000000391895)"
+    ),
+    extractor: Optional[Path] = typer.Option(
+        None, "--extractor", help="--images with --backend paddle: the extractor dir (default: the checkpoint's)"
     ),
     backend: str = typer.Option(
         "onnx", "--backend", help="onnx (onnxruntime), or paddle (the checkpoint in Paddle; the training package)"
@@ -138,10 +224,16 @@ def infer(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Caption the images of a split; prints the throughput (images/s) at the end."""
+    """Caption the images of a split, or pictures; prints the throughput (images/s) at the end."""
     try:
-        if features is None and input_json is None and att_dir is None:
-            raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
+        if images and (features is not None or input_json is not None or att_dir is not None):
+            raise InferError("give either --images or --features, not both")
+        if not images and features is None and input_json is None and att_dir is None:
+            raise InferError("give --features DATA_DIR (or --input-json and --att-dir), or --images")
+        if extractor is not None and (backend == "onnx" or not images):
+            raise InferError(
+                "--extractor is for --images with --backend paddle (an export serves its own extractor)"
+            )
         if backend != "onnx" and precision is not Precision.fp32:
             raise InferError(
                 f"--precision {precision.value} is for --backend onnx (the quantized graphs of an export dir); "
@@ -150,29 +242,39 @@ def infer(
         if backend != "onnx" and streams != 1:
             raise InferError(f"--streams is for --backend onnx; --backend {backend} decodes one batch at a time")
         length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
-        images = list_images(features, split, input_json=input_json, att_dir=att_dir)
+        if images:
+            pictures = list_image_files(images, coco_ids=coco_ids)
+        else:
+            pictures = list_images(features, split, input_json=input_json, att_dir=att_dir)
         if num_images >= 0:
-            images = images[:num_images]
-        if not images:
+            pictures = pictures[:num_images]
+        if not pictures:
             raise InferError("no images to caption")
         if backend == "onnx":
             if model is None:
                 raise InferError("--backend onnx needs --model EXPORT_DIR")
             engine = load_backend("onnx", model=model, threads=threads, precision=precision.value, streams=streams)
         else:
-            engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads)
+            extra = {"extractor": extractor} if extractor is not None else {}
+            engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads, **extra)
         options: dict = {"block_trigrams": block_trigrams}
         if remove_bad_endings:
             options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
         if length_penalty:
             options["length_penalty"] = length_penalty
         start = time.perf_counter()
-        results = caption_images(
-            engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress
-        )
+        if images:
+            results = caption_pictures(
+                engine, engine.image_extractor(), pictures, beam_size, max_length, batch_size, options,
+                remove_bad_endings, progress,
+            )
+        else:
+            results = caption_images(
+                engine, pictures, beam_size, max_length, batch_size, options, remove_bad_endings, progress
+            )
         seconds = time.perf_counter() - start
         write_json_atomic(out, results)
-    except (InferError, BackendError, FeatureError, ValueError) as e:
+    except (InferError, BackendError, FeatureError, ImageError, ExtractorError, ValueError) as e:
         typer.echo(f"aoanet-infer: error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(

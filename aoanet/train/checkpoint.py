@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory (every file written atomically: temporary file, fsync, rename)::
 
-    model.json          format tag, vocab_size, model options, ix_to_word   (enough to rebuild the model)
+    model.json          format tag, vocab_size, model options, ix_to_word   (enough to rebuild the model), and
+                        ``extractor`` when the features came from an image extractor (aoanet.vision.extract)
     model.pdparams      weights of the last iteration saved
     model-best.pdparams weights with the best validation score so far
     optimizer.pdopt     optimizer state of the last save
@@ -44,13 +45,17 @@ def atomic_paddle_save(obj, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_model_json(directory: Path, model: AoAModel, ix_to_word: dict) -> None:
+def write_model_json(directory: Path, model: AoAModel, ix_to_word: dict, extractor: dict | None = None) -> None:
+    """``extractor``: the record of the image extractor the training features came from (its spec, the sha256 of
+    its files, where it was), which aoanet-export serves the model with."""
     meta = {
         "format": FORMAT,
         "vocab_size": model.vocab_size,
         "options": model.options.to_dict(),
         "ix_to_word": {str(k): v for k, v in ix_to_word.items()},
     }
+    if extractor is not None:
+        meta["extractor"] = extractor
     atomic_write_text(Path(directory) / "model.json", json.dumps(meta, indent=1))
 
 

@@ -37,6 +37,7 @@ from aoanet.train.distributed import (
     warn_reshard,
 )
 from aoanet.train.losses import language_model_loss, reward_loss, reward_mask
+from aoanet.vision.extract import extractor_record
 
 STATE_FORMAT = "aoanet-train-state/1"
 
@@ -116,6 +117,8 @@ class Trainer:
         self.data = CaptionData(d.input_json, d.input_label_h5, d.input_att_dir,
                                 att_feat_size=self.model_width(cfg), seq_per_img=d.seq_per_img)
         self.model = AoAModel(self.data.vocab_size, cfg.model_options())
+        # The image extractor the features came from (None for bottom-up or generated features), kept in model.json.
+        self.extractor = extractor_record(d.input_att_dir, self.model_width(cfg))
         clip = (paddle.nn.ClipGradByValue(cfg.train.grad_clip) if cfg.train.grad_clip_mode == "value"
                 else paddle.nn.ClipGradByGlobalNorm(cfg.train.grad_clip))
         self.optimizer = paddle.optimizer.Adam(
@@ -190,7 +193,7 @@ class Trainer:
 
     def _write_checkpoint(self, best: bool):
         self.dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_model_json(self.dir, self.model, self.data.vocab)
+        ckpt.write_model_json(self.dir, self.model, self.data.vocab, extractor=self.extractor)
         ckpt.atomic_write_text(self.dir / "config.yml", dump_config(self.cfg))
         weights = self.model.state_dict()
         ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["last"])
