@@ -228,7 +228,9 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
         raise UnsafePickleError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         if isinstance(e, TorchFileError):
-            raise
+            if str(path) in str(e):
+                raise
+            raise TorchFileError(f"{path}: {e}") from None
         raise TorchFileError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e})") from None
     if isinstance(obj, Mapping) and not any(isinstance(v, _Tensor) for v in obj.values()):
         for key in ("state_dict", "model"):
