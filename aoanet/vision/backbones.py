@@ -203,7 +203,8 @@ def _assign(layer: nn.Layer, state: dict, source: str, linear_transposed: bool) 
         lines = [f"{source} does not fit the backbone:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+                more = " ..." if len(items) > 12 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + more)
         raise BackboneError("\n".join(lines))
     for key, param in own.items():
         param.set_value(np.ascontiguousarray(given[key], dtype=np.float32))

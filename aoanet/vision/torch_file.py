@@ -61,11 +61,10 @@ class _Storage:
         self.data: np.ndarray | None = None
 
     def fill(self, raw: bytes) -> None:
-        if len(raw) < self.numel * self.kind.itemsize:
-            raise TorchFileError(
-                f"storage {self.key} holds {len(raw)} bytes, {self.numel * self.kind.itemsize} expected (truncated file?)"
-            )
-        raw = raw[: self.numel * self.kind.itemsize]
+        size = self.numel * self.kind.itemsize
+        if len(raw) < size:
+            raise TorchFileError(f"storage {self.key} holds {len(raw)} bytes, {size} expected (truncated file?)")
+        raw = raw[:size]
         if self.kind.dtype == "bfloat16":
             self.data = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
         else:
