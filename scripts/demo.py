@@ -78,7 +78,11 @@ def read_json(path):
 
 
 def stage_data(images: int):
-    if not (DATA / "dataset_coco.json").is_file():
+    dataset = DATA / "dataset_coco.json"
+    if dataset.is_file() and not read_json(dataset).get("rendered"):
+        # a data directory of the earlier, feature-only demo: its features are not the pictures' (start again)
+        shutil.rmtree(DATA)
+    if not dataset.is_file():
         run("aoanet-data", "synth", "--out", DATA, "--images", images, "--render")
     if not (EXTRACTOR / "extractor.json").is_file():
         run("aoanet-data", "extractor", "--backbone", "efficientnet_lite0", "--out", EXTRACTOR)
