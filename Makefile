@@ -28,6 +28,7 @@ bench: env
 	$(PY) scripts/bench_data.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_infer.py
+	$(PY) scripts/bench_extract.py
 
 clean:
 	rm -rf artifacts/demo artifacts/tmp

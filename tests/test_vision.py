@@ -420,3 +420,25 @@ def test_bad_pictures_and_models_without_extractor_are_refused(served, tmp_path,
     with pytest.raises(ExportError, match="not the extractor the checkpoint was trained with"):
         export_checkpoint(ckpt, tmp_path / "tampered-export")
     assert not (tmp_path / "tampered-export").exists()
+
+
+def test_training_records_the_features_extractor(data_dir, tmp_path):
+    """Features in a data directory with an extractor/ beside them: the trainer records it in model.json."""
+    from test_images import make_spec, pool_graph
+    from test_train import small_config
+
+    from aoanet.train.trainer import Trainer
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "extractor").mkdir()
+    (data / "extractor" / EXTRACTOR).write_bytes(pool_graph(width=128))
+    (data / "extractor" / EXTRACTOR_SPEC).write_text(json.dumps(make_spec(feature_width=128)))
+    trainer = Trainer(small_config(data, tmp_path / "ckpt", max_iters=1), "xe", progress=False)
+    trainer.run()
+    record = read_model_json(tmp_path / "ckpt")["extractor"]
+    assert record["dir"] == str((data / "extractor").resolve()) and record["feature_width"] == 128
+    assert record["spec"]["backbone"] == "test_pool"
+    # without an extractor beside the features, nothing is recorded
+    Trainer(small_config(data_dir, tmp_path / "plain", max_iters=1), "xe", progress=False).run()
+    assert "extractor" not in read_model_json(tmp_path / "plain")
