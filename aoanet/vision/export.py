@@ -132,8 +132,8 @@ def export_extractor(
 
     out_dir = Path(out_dir).resolve()
     _check_destination(out_dir, force)
-    info = BACKBONES[backbone] if backbone in BACKBONES else None
-    net, source = build_backbone(backbone, weights, pretrained)
+    net, source = build_backbone(backbone, weights, pretrained)  # an unknown name is a BackboneError here
+    info = BACKBONES[backbone]
     size = size or default_size(backbone)
     spec = ExtractorSpec(
         backbone=backbone,

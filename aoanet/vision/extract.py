@@ -14,7 +14,6 @@ collected, and the run ends with one error listing every bad file (the good ones
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,18 +26,11 @@ from pathlib import Path
 from aoanet.data.errors import DataError
 from aoanet.data.features import att_path, feature_dirs, npy_path, write_image_features
 from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_FILES, EXTRACTOR_SPEC
+from aoanet_runtime.exportdir import sha256_file
 from aoanet_runtime.extractor import Extractor, ExtractorError
 from aoanet_runtime.images import ImageError, list_image_files, probe
 
 EXTRACTOR_DIR = "extractor"  # DATA/extractor: the copy of the extractor the features came from
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def extractor_hashes(directory: Path) -> dict[str, str]:
@@ -157,24 +149,35 @@ def extract_features(
         bar = tqdm(total=len(todo), unit="img", desc="extracting", file=sys.stderr)
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     written = 0
+
+    def write(items):
+        for ref, f in items:
+            write_image_features(*dirs, ref.image_id, f.att, f.boxes, fc=f.fc)
+        return len(items)
+
+    # Pictures are decoded on two threads and the files written on a third (compression, fsync) while onnxruntime
+    # runs the next batch: the stages overlap instead of taking turns.
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = [pool.map(load, c) for c in chunks[:1]]
+        with ThreadPoolExecutor(max_workers=2) as loaders, ThreadPoolExecutor(max_workers=1) as writer:
+            pending = [loaders.map(load, c) for c in chunks[:1]]
+            writes = []
             for k, chunk in enumerate(chunks):
                 loaded = list(pending[k])
                 if k + 1 < len(chunks):
-                    pending.append(pool.map(load, chunks[k + 1]))
+                    pending.append(loaders.map(load, chunks[k + 1]))
                 good = [(ref, x) for ref, x in zip(chunk, loaded) if not isinstance(x, ImageError)]
                 for ref, x in zip(chunk, loaded):
                     if isinstance(x, ImageError):
                         bad[ref.path] = str(x)
                 if good:
                     feats = extractor.features_of([x for _, x in good])
-                    for (ref, _), f in zip(good, feats):
-                        write_image_features(*dirs, ref.image_id, f.att, f.boxes, fc=f.fc)
-                        written += 1
+                    writes.append(writer.submit(write, [(ref, f) for (ref, _), f in zip(good, feats)]))
+                while len(writes) > 2:  # bounded memory: at most two batches waiting to be written
+                    written += writes.pop(0).result()
                 if bar is not None:
                     bar.update(len(chunk))
+            for w in writes:
+                written += w.result()
     finally:
         if bar is not None:
             bar.close()
