@@ -242,6 +242,14 @@ def test_an_onnx_model_with_a_spec_is_checked_and_imported(tmp_path):
                                    str(tmp_path / "spec.json"), "--out", str(tmp_path / "clip")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "clip" / EXTRACTOR).read_bytes() == pool_graph()
+    # extract takes the graph and spec directly too, and keeps them as the data's extractor
+    pics = _pictures(tmp_path / "pics", 2)
+    res = runner.invoke(data_app, ["extract", "--images", str(pics), "--extractor-onnx", str(tmp_path / "m.onnx"),
+                                   "--extractor-spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "data"),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert read_att(tmp_path / "data" / "cocobu_att" / "1.npz", 1).shape == (12, 6)
+    assert (tmp_path / "data" / "extractor" / EXTRACTOR).read_bytes() == pool_graph()
     (tmp_path / "spec.json").write_text(json.dumps(make_spec(feature_width=5)))
     res = runner.invoke(data_app, ["extractor", "--onnx", str(tmp_path / "m.onnx"), "--spec",
                                    str(tmp_path / "spec.json"), "--out", str(tmp_path / "clip2")])

@@ -215,8 +215,14 @@ def extractor(
 @_report
 def extract(
     images: list[Path] = typer.Option(..., "--images", help="directory of pictures, a .txt list, or files"),
-    extractor_dir: Path = typer.Option(..., "--extractor", help="extractor directory (aoanet-data extractor)"),
     out: Path = typer.Option(..., "--out", help="data dir: writes DIR/cocobu_att, cocobu_fc, cocobu_box"),
+    extractor_dir: Optional[Path] = typer.Option(
+        None, "--extractor", help="extractor directory (aoanet-data extractor)"
+    ),
+    extractor_onnx: Optional[Path] = typer.Option(
+        None, "--extractor-onnx", help="instead of --extractor: any ONNX image model ..."
+    ),
+    extractor_spec: Optional[Path] = typer.Option(None, "--extractor-spec", help="... with its extractor.json"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="go on without unreadable pictures (listed at the end)"),
     coco_ids: bool = typer.Option(
@@ -226,7 +232,21 @@ def extract(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Features of pictures through an image extractor, in the reference layout; resumable."""
-    from aoanet.vision.extract import extract_features
+    from aoanet.vision.extract import EXTRACTOR_DIR, extract_features
+
+    if (extractor_dir is None) == (extractor_onnx is None) or (extractor_onnx is None) != (extractor_spec is None):
+        raise DataError("give --extractor DIR, or --extractor-onnx FILE with --extractor-spec FILE")
+    if extractor_onnx is not None:
+        # checked as the runtime will, and copied into DATA/extractor, the record of where the features came from
+        from aoanet.vision.export import import_extractor
+        from aoanet_runtime.extractor import ExtractorError
+
+        extractor_dir = out / EXTRACTOR_DIR
+        if not extractor_dir.exists():
+            try:
+                import_extractor(extractor_onnx, extractor_spec, extractor_dir)
+            except ExtractorError as e:
+                raise DataError(str(e)) from None
 
     summary = extract_features(
         images, extractor_dir, out, batch_size=batch_size, skip_bad=skip_bad, coco_ids=coco_ids,
