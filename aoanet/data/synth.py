@@ -3,9 +3,10 @@
 It writes ``DIR/dataset_coco.json`` (Karpathy layout: ``images[i]`` with ``imgid``, ``cocoid``, ``filepath``,
 ``filename``, ``split``, ``sentences`` [{``tokens``, ``raw``, ``imgid``, ``sentid``}], ``sentids``, plus a
 ``scene`` summary that the pipeline ignores) and ``DIR/cocobu_att|cocobu_fc|cocobu_box``, so that prepro,
-ngrams, check, the loader, training and evaluation run on it unchanged. What an image shows is described in
-:mod:`aoanet.data.synth_world`, how it is captioned in :mod:`aoanet.data.synth_grammar`, its region features
-in :mod:`aoanet.data.synth_features`.
+ngrams, check, the loader, training and evaluation run on it unchanged; or, with ``render``, the scenes as
+pictures, ``DIR/images/<cocoid>.jpg`` (:mod:`aoanet.vision.render`), whose features an image extractor makes
+(``aoanet-data extract``). What an image shows is described in :mod:`aoanet.data.synth_world`, how it is
+captioned in :mod:`aoanet.data.synth_grammar`, its region features in :mod:`aoanet.data.synth_features`.
 
 Default size, chosen so the demo can train a small AoANet (rnn_size 128-256) on a 2-core CPU in about five
 minutes and still see every class and colour hundreds of times:
