@@ -228,5 +228,14 @@ def load_config(path, overrides: list[str] | None = None) -> Config:
     return from_dict(raw, source=str(path))
 
 
+def config_from_text(text: str, source: str) -> Config:
+    """A resolved config (a checkpoint's config.yml, no ``_base_``) from its text."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    return from_dict(raw, source=source)
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aoanet.cpu import configure_math_library
 from aoanet_runtime.backends import BackendError
+from aoanet_runtime.features import MemoryModel
 
 
 class PaddleBackend:
@@ -29,7 +30,9 @@ class PaddleBackend:
             self.model, self.ix_to_word = load_model(checkpoint, which)
         except (CheckpointError, ValueError, OSError) as e:
             raise BackendError(f"cannot load the checkpoint: {e}") from None
-        self.width = self.model.options.att_feat_size
+        o = self.model.options
+        self.width = o.att_feat_size
+        self.memory_model = MemoryModel(o.att_feat_size, o.rnn_size, o.num_heads)
         self.streams = 1
 
     def decode(self, att_feats, att_masks, beam_size, max_length, **options):

@@ -21,7 +21,7 @@ import paddle
 import pytest
 
 from aoanet.model import build_model
-from aoanet.train.checkpoint import atomic_paddle_save, load_model, write_model_json
+from aoanet.train.checkpoint import load_model, save_model_dir
 from aoanet_export import export_checkpoint
 from aoanet_runtime import Captioner, ExportDirError, FeatureError
 from aoanet_runtime import cli as infer_cli
@@ -55,11 +55,9 @@ def make_checkpoint(directory: Path) -> Path:
     bias[0] += 1.5
     state["logit.weight"].set_value(state["logit.weight"].numpy() * 2)
     state["logit.bias"].set_value(bias)
-    directory.mkdir(parents=True, exist_ok=True)
     ix_to_word = {str(i): ("UNK" if i == V else f"w{i}") for i in range(1, V + 1)}
     ix_to_word["3"] = "the"  # a bad-ending word, for remove_bad_endings
-    write_model_json(directory, model, ix_to_word)
-    atomic_paddle_save(model.state_dict(), directory / "model.pdparams")
+    save_model_dir(directory, model, ix_to_word)
     return directory
 
 
