@@ -5,6 +5,7 @@ so that the runtime can offer it without naming this package."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from aoanet.cpu import configure_math_library
@@ -17,6 +18,7 @@ class PaddleBackend:
         if checkpoint is None:
             raise BackendError("--backend paddle needs --checkpoint CHECKPOINT_DIR")
         configure_math_library()  # a command's process: tune Paddle's math library before it is loaded
+        warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)  # (custom operators only)
         import paddle
 
         from aoanet.train.checkpoint import CheckpointError, load_model

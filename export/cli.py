@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def export_command(
     from aoanet.cpu import configure_math_library
 
     configure_math_library()  # before Paddle is imported
+    warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)  # (custom operators only)
     from aoanet_export import ExportError
 
     report_errors("aoanet-export", ExportError, ValueError)(_export)(checkpoint, out, which, opset, force, int8,

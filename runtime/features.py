@@ -223,9 +223,9 @@ def read_features(image: ImageFile, width: int | None = None) -> np.ndarray:
 class MemoryModel:
     """An estimate of the working memory of captioning a batch (encoder and beam search), from the model's sizes.
 
-    Per image padded to N regions: 4 bytes x (N x (F + 12 R) for the region features and the refiner's activations,
-    + 3 x heads x N^2 for the self-attention scores). The factors were calibrated on a full-size model with both
-    backends (``scripts/bench_memory.py``, docs/robustness.md): the estimate is above the measured peak."""
+    Per image padded to N regions: 4 bytes x (N x (F + 24 R) for the region features and the refiner's activations,
+    + 3 x heads x N^2 for the self-attention scores). The factors come from peaks measured on a full-size model with
+    both backends (``scripts/bench_memory.py``, docs/robustness.md), the Paddle dynamic graph being the larger."""
 
     att_feat_size: int
     rnn_size: int
@@ -233,7 +233,7 @@ class MemoryModel:
 
     def image_bytes(self, regions: int) -> int:
         n = int(regions)
-        return 4 * (n * (self.att_feat_size + 12 * self.rnn_size) + 3 * self.num_heads * n * n)
+        return 4 * (n * (self.att_feat_size + 24 * self.rnn_size) + 3 * self.num_heads * n * n)
 
     def batch_bytes(self, images: int, regions: int) -> int:
         return int(images) * self.image_bytes(regions)
