@@ -24,6 +24,10 @@ DEBUG_FLAG = "--debug"
 EPILOG = f"Expected errors are one line; add {DEBUG_FLAG} (anywhere) for a traceback."
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written (found before the work)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
 
@@ -53,9 +57,9 @@ def one_line(error: BaseException) -> str:
 
 
 def report_errors(prog: str, *expected: type[BaseException], status: int = 1):
-    """Decorate a command: errors of the ``expected`` types (and OSError) become ``prog: error: message`` and exit
-    status ``status``; Ctrl-C / SIGTERM become one line and 130 / 143. With --debug they propagate."""
-    kinds = (OSError, *expected)
+    """Decorate a command: errors of the ``expected`` types (and OSError, OutputError) become ``prog: error: message``
+    and exit status ``status``; Ctrl-C / SIGTERM become one line and 130 / 143. With --debug they propagate."""
+    kinds = (OSError, OutputError, *expected)
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -94,20 +98,20 @@ def _writable(directory: Path, what: str, path: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what} {path}: {existing} is not a directory")
+        raise OutputError(f"{what} {path}: {existing} is not a directory")
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".aoanet-probe.", suffix=".tmp"):
             pass
     except OSError as e:
-        raise ValueError(f"{what} {path} cannot be written ({e.strerror or e})") from None
+        raise OutputError(f"{what} {path} cannot be written ({e.strerror or e})") from None
 
 
 def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
     """Check, before any work, that ``path`` can be written as a file: not a directory, and a file can be created
-    in its directory. Raises ValueError naming the option."""
+    in its directory. Raises OutputError naming the option."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a directory; give a file name")
+        raise OutputError(f"{what} {path} is a directory; give a file name")
     _writable(path.parent, what, path)
     return path
 
@@ -116,6 +120,6 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     """Check, before any work, that a directory can be created (or replaced) at ``path``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} exists and is not a directory")
+        raise OutputError(f"{what} {path} exists and is not a directory")
     _writable(path.parent, what, path)
     return path
