@@ -240,11 +240,11 @@ class Captioner:
             feats = np.asarray(att_feats, dtype=np.float32)
             self._check_finite(feats, "att_feats")
             # every image is padded to n regions: the batch size that fits the memory bound at n
-            per_image = self.memory_model.image_bytes(n)
-            if per_image > max_batch_bytes:
-                raise FeatureError(f"att_feats: {n} regions per image need ~{per_image / 2**20:.0f} MB each, over "
-                                   f"the batch limit of {max_batch_bytes / 2**20:.0f} MB")
-            step = max(1, min(batch_size, max_batch_bytes // per_image))
+            memory = self.memory_model
+            if memory.batch_bytes(1, n) > max_batch_bytes:
+                raise FeatureError(f"att_feats: {n} regions per image need ~{memory.batch_bytes(1, n) / 2**20:.0f} "
+                                   f"MB each, over the batch limit of {max_batch_bytes / 2**20:.0f} MB")
+            step = max(1, min(batch_size, (max_batch_bytes - memory.BATCH_BYTES) // memory.image_bytes(n)))
             batches = []
             for start in range(0, b, step):
                 pos = np.arange(start, min(start + step, b))

@@ -224,8 +224,11 @@ class MemoryModel:
     """An estimate of the working memory of captioning a batch (encoder and beam search), from the model's sizes.
 
     Per image padded to N regions: 4 bytes x (N x (F + 24 R) for the region features and the refiner's activations,
-    + 3 x heads x N^2 for the self-attention scores). The factors come from peaks measured on a full-size model with
-    both backends (``scripts/bench_memory.py``, docs/robustness.md), the Paddle dynamic graph being the larger."""
+    + 3 x heads x N^2 for the self-attention scores); per batch, 16 MB more (kernels' scratch space). The factors come
+    from peaks measured on a full-size model with both backends (``scripts/bench_memory.py``, docs/robustness.md),
+    the Paddle dynamic graph being the larger."""
+
+    BATCH_BYTES = 16 * 2**20
 
     att_feat_size: int
     rnn_size: int
@@ -236,7 +239,7 @@ class MemoryModel:
         return 4 * (n * (self.att_feat_size + 24 * self.rnn_size) + 3 * self.num_heads * n * n)
 
     def batch_bytes(self, images: int, regions: int) -> int:
-        return int(images) * self.image_bytes(regions)
+        return self.BATCH_BYTES + int(images) * self.image_bytes(regions)
 
 
 def batch_plan(
@@ -257,10 +260,11 @@ def batch_plan(
     while start < order.size:
         size = batch_size
         if memory is not None:
-            per_image = memory.image_bytes(int(counts[order[start]]))
-            if per_image > max_batch_bytes:
-                raise BatchMemoryError(int(order[start]), int(counts[order[start]]), per_image, max_batch_bytes)
-            size = max(1, min(batch_size, max_batch_bytes // per_image))
+            regions = int(counts[order[start]])
+            per_image = memory.image_bytes(regions)
+            if memory.batch_bytes(1, regions) > max_batch_bytes:
+                raise BatchMemoryError(int(order[start]), regions, memory.batch_bytes(1, regions), max_batch_bytes)
+            size = max(1, min(batch_size, (max_batch_bytes - memory.BATCH_BYTES) // per_image))
         batches.append(order[start : start + size])
         start += size
     return batches

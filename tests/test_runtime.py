@@ -593,7 +593,7 @@ def test_batches_are_bounded_in_memory(captioner):
     plan = batch_plan(counts, 50, full)
     for pos in plan:
         assert full.batch_bytes(len(pos), counts[pos].max()) <= 2 * 2**30
-    assert len(plan[0]) == 2 * 2**30 // full.image_bytes(1000) < 50
+    assert len(plan[0]) == (2 * 2**30 - full.BATCH_BYTES) // full.image_bytes(1000) < 50
     assert sorted(np.concatenate(plan).tolist()) == list(range(70))
     # one image over the budget alone: an error naming it
     with pytest.raises(FeatureError, match=r"image #1: 5000 regions need ~\d+ MB"):
@@ -602,8 +602,8 @@ def test_batches_are_bounded_in_memory(captioner):
     feats = [random_batch(s, batch=1, regions=r)[0][0] for s, r in enumerate([3, 9, 5, 10, 1, 7])]
     whole = captioner.caption(feats, beam_size=2)
     batches = []
-    per_image = captioner.memory_model.image_bytes(10)
-    small = captioner.caption(feats, beam_size=2, max_batch_bytes=2 * per_image, on_batch=batches.append)
+    budget = captioner.memory_model.batch_bytes(2, 10)  # two images of 10 regions
+    small = captioner.caption(feats, beam_size=2, max_batch_bytes=budget, on_batch=batches.append)
     assert small.captions == whole.captions and len(batches) == 3
     with pytest.raises(FeatureError, match="image 3: 10 regions, over the limit of 9"):
         captioner.caption(feats, max_regions=9)
