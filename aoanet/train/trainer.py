@@ -233,7 +233,8 @@ class Trainer:
         ckpt.atomic_write_text(path, "".join(kept))
 
     def _start_from(self, directory):
-        """SCST starts from the LAST XE checkpoint with its optimizer state (Adam moments), lr reset (§3.3)."""
+        """SCST starts from the LAST XE checkpoint with its optimizer state (Adam moments), lr reset
+        (docs/model.md, "Training")."""
         ckpt.with_checkpoint(Path(directory), self._load_start)
         self.optimizer.set_lr(self.cfg.train.learning_rate)
 
@@ -302,7 +303,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- schedules
     def epoch_schedule(self, epoch: int) -> tuple[float, float]:
-        """(learning rate, scheduled-sampling probability) at the start of an epoch (§3.2)."""
+        """(learning rate, scheduled-sampling probability) at the start of an epoch (docs/model.md, "Training")."""
         t = self.cfg.train
         if self.stage == "scst":
             return self.state["lr"], 0.0
