@@ -395,6 +395,9 @@ def test_a_new_run_does_not_replace_an_earlier_one(reference, data_dir, tmp_path
     res = CliRunner().invoke(app, ["xe", "-c", str(tmp_path / "c.yml"), "--quiet", "--resume", "--overwrite"])
     assert res.exit_code == 2 and "give one of them" in res.output
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    with pytest.raises(CheckpointError, match="is train.checkpoint_path itself"):  # SCST into its own source
+        Trainer(small_config(data_dir, d, max_iters=2), "scst", start_from=str(d), overwrite=True, progress=False)
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
     # a directory of anything else is never deleted, even with --overwrite
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -115,6 +115,9 @@ class Trainer:
         self._saved_iteration: int | None = None  # of the checkpoint in self.dir, if any
         self._carry: dict[str, bytes] = {}  # files of the next save taken from an earlier version's checkpoint
         self._loader = None
+        if start_from and not resume and Path(start_from).resolve() == self.dir.resolve():
+            raise ckpt.CheckpointError(
+                f"--start-from {start_from} is train.checkpoint_path itself: the new stage needs its own directory")
         if self.dist.main:  # rank 0 alone writes the directory
             self.lock.acquire()
         try:
