@@ -334,6 +334,17 @@ def test_a_mixed_set_or_flipped_bits_are_refused(reference, data_dir, tmp_path):
         assert not (d / LOCK).exists()
 
 
+def test_the_final_save_does_not_copy_the_best_weights(data_dir, tmp_path):
+    """A run whose last iteration was just validated saves once more (finished); its weights are the best ones,
+    already written: the manifest points at that file instead of a second copy."""
+    d = tmp_path / "run"
+    Trainer(small_config(data_dir, d, max_iters=6, save_checkpoint_every=3), "xe", progress=False).run()
+    ck = Checkpoint.open(d)
+    assert ck.manifest["finished"] and ck.manifest["save"] == "save-00000006.1"
+    assert ck.path("weights_last") == ck.path("weights_best") == d / "save-00000006" / "model.safetensors"
+    assert sorted(files_on_disk(d)) == sorted(listed_files(d)) and len(list(d.glob("save-*/model.safetensors"))) == 1
+
+
 def test_a_reader_follows_a_save_made_while_it_reads(reference, tmp_path):
     d = tmp_path / "run"
     shutil.copytree(reference, d)

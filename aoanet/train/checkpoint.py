@@ -492,14 +492,22 @@ class CheckpointWriter:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        current = self.current()
+        # the files kept from the current save, by content: a new file with the same bytes points at the kept one
+        # (the final save of a run, right after the validation save that made the same weights the best)
+        kept = {(e["sha256"], e["bytes"]): e for role, e in (current or {"files": {}})["files"].items() if role in keep}
         entries = {}
         for role, data in files.items():
+            digest = sha256_bytes(data)
+            if role.startswith("weights") and (digest, len(data)) in kept:
+                entries[role] = dict(kept[(digest, len(data))])
+                continue
             file_name = FILE_NAMES.get(role, role)
             with open(tmp / file_name, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            entries[role] = {"path": f"{name}/{file_name}", "bytes": len(data), "sha256": sha256_bytes(data)}
+            entries[role] = {"path": f"{name}/{file_name}", "bytes": len(data), "sha256": digest}
         fsync_dir(tmp)
         target = self.directory / name
         if target.exists():  # an unlisted leftover of a killed save
@@ -508,7 +516,6 @@ class CheckpointWriter:
         fsync_dir(self.directory)
         for role, other in (same or {}).items():
             entries[role] = dict(entries[other])
-        current = self.current()
         for role in keep:
             if role not in entries and current is not None and role in current["files"]:
                 entries[role] = current["files"][role]
