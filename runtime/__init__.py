@@ -8,7 +8,7 @@ captioner is first used.
 
 __all__ = [
     "Captioner", "Captions", "ExportDirError", "Extractor", "ExtractorError", "FeatureError", "ImageError",
-    "load_manifest",
+    "NonFiniteError", "load_manifest",
 ]
 
 _HOMES = {
@@ -20,6 +20,7 @@ _HOMES = {
     "Extractor": "aoanet_runtime.extractor",
     "ExtractorError": "aoanet_runtime.extractor",
     "ImageError": "aoanet_runtime.images",
+    "NonFiniteError": "aoanet_runtime.beam",
 }
 
 

@@ -2,8 +2,9 @@
 registers under the entry-point group ``aoanet_runtime.backends``. The training package registers ``paddle`` (its
 dynamic graph, ``aoanet.infer_backend``), so the runtime never names it.
 
-A backend has ``width`` (feature width), ``ix_to_word``, ``streams``, ``decode(att_feats, att_masks, beam_size,
-max_length, **options) -> DecodeResult`` over one padded batch, and ``image_extractor()`` -> the
+A backend has ``width`` (feature width), ``ix_to_word``, ``streams`` and ``decode(att_feats, att_masks, beam_size,
+max_length, **options) -> DecodeResult`` over one padded batch, may have ``memory_model``
+(``aoanet_runtime.features.MemoryModel``: batches are then bounded in memory), and has ``image_extractor()`` -> the
 ``aoanet_runtime.extractor.Extractor`` its model was trained with (``aoanet-infer --images``), raising BackendError
 when it has none.
 """
@@ -36,6 +37,7 @@ class OnnxBackend:
         self.streams = self.captioner.streams
         self.width = self.captioner.att_feat_size
         self.ix_to_word = self.captioner.ix_to_word
+        self.memory_model = self.captioner.memory_model
         self.decode = self.captioner.decode
 
     def image_extractor(self):

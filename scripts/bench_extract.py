@@ -81,7 +81,7 @@ def ensure_model(work: Path, lite0: Path) -> Path:
     import yaml
 
     from aoanet.model import build_model
-    from aoanet.train.checkpoint import atomic_paddle_save, write_model_json
+    from aoanet.train.checkpoint import save_model_dir
     from aoanet.vision.extract import extractor_hashes
     from aoanet_export import export_checkpoint
 
@@ -89,12 +89,10 @@ def ensure_model(work: Path, lite0: Path) -> Path:
     paddle.seed(0)
     model = build_model(145, **options)
     ckpt = work / "ckpt"
-    ckpt.mkdir(parents=True, exist_ok=True)
     spec = json.loads((lite0 / "extractor.json").read_text())
     record = {"dir": str(lite0), "backbone": spec["backbone"], "feature_width": spec["feature_width"],
               "sha256": extractor_hashes(lite0), "spec": spec}
-    write_model_json(ckpt, model, {str(i): f"w{i}" for i in range(1, 146)}, extractor=record)
-    atomic_paddle_save(model.state_dict(), ckpt / "model.pdparams")
+    save_model_dir(ckpt, model, {str(i): f"w{i}" for i in range(1, 146)}, extractor=record)
     export_checkpoint(ckpt, out)
     return out
 

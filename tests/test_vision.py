@@ -23,8 +23,8 @@ from aoanet.cli.data import app as data_app
 from aoanet.data.errors import DataError
 from aoanet.data.features import read_att
 from aoanet.model import build_model
-from aoanet.safepickle import UnsafePickleError
-from aoanet.train.checkpoint import atomic_paddle_save, read_model_json, write_model_json
+from aoanet.safe_pickle import UnsafePickleError
+from aoanet.train.checkpoint import read_model_json, save_model_dir
 from aoanet.vision.backbones import BACKBONES, build_backbone, efficientnet_lite0_weights_file
 from aoanet.vision.extract import extractor_record
 from aoanet.vision.torch_file import TorchFileError, read_torch_state_dict
@@ -333,9 +333,7 @@ def _checkpoint(directory: Path, extractor: dict | None) -> Path:
         if name.startswith("core.") and "norm" not in name:
             value.set_value(value.numpy() * 4)
     state["logit.weight"].set_value(state["logit.weight"].numpy() * 3)
-    directory.mkdir(parents=True)
-    write_model_json(directory, model, {str(i): f"w{i}" for i in range(1, V + 1)}, extractor=extractor)
-    atomic_paddle_save(model.state_dict(), directory / "model.pdparams")
+    save_model_dir(directory, model, {str(i): f"w{i}" for i in range(1, V + 1)}, extractor=extractor)
     return directory
 
 
@@ -392,6 +390,12 @@ def test_infer_images_onnx_and_paddle(served, tmp_path):
     assert onnx_res[0]["file_name"].endswith("1.jpg")
 
 
+def build_backbone_free_model(checkpoint: Path):
+    from aoanet.train.checkpoint import load_model
+
+    return load_model(checkpoint, "last")
+
+
 def _infer(args) -> int:
     try:
         infer_cli.main(args)
@@ -422,9 +426,9 @@ def test_bad_pictures_and_models_without_extractor_are_refused(served, tmp_path,
     # the export checks the extractor against the one recorded at training
     record = read_model_json(served["ckpt"])
     record["extractor"]["sha256"][EXTRACTOR] = "0" * 64
+    model, _ = build_backbone_free_model(served["ckpt"])
     ckpt = tmp_path / "tampered"
-    shutil.copytree(served["ckpt"], ckpt)
-    (ckpt / "model.json").write_text(json.dumps(record))
+    save_model_dir(ckpt, model, record["ix_to_word"], extractor=record["extractor"])
     with pytest.raises(ExportError, match="not the extractor the checkpoint was trained with"):
         export_checkpoint(ckpt, tmp_path / "tampered-export")
     assert not (tmp_path / "tampered-export").exists()

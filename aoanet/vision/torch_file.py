@@ -3,7 +3,7 @@
 Both of PyTorch's formats are read: the legacy one (a sequence of pickles: magic number, protocol version, system
 info, the object with persistent ids for its storages, the list of storage keys, then each storage as an int64
 element count and its raw bytes) and the zip one (``<name>/data.pkl`` plus one raw file per storage in
-``<name>/data/``). The pickles go through the project's restricted unpickler (``aoanet.safepickle``) with the few
+``<name>/data/``). The pickles go through the project's restricted unpickler (``aoanet.safe_pickle``) with the few
 globals a state dict needs (tensor rebuilding, storage types, OrderedDict), which are served by functions of this
 module, so no PyTorch code is imported or run. Tensors honour their storage offset and strides (weights converted
 from TensorFlow are often stored with permuted strides).
@@ -12,7 +12,6 @@ from TensorFlow are often stored with permuted strides).
 from __future__ import annotations
 
 import io
-import pickle
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aoanet.safepickle import RestrictedUnpickler, UnsafePickleError
+from aoanet.safe_pickle import READ_ERRORS, RestrictedUnpickler, UnsafePickleError
 
 __all__ = ["TorchFileError", "read_torch_state_dict"]
 
@@ -145,11 +144,7 @@ class _Reader:
 
     def load(self, data: bytes):
         return RestrictedUnpickler(
-            io.BytesIO(data),
-            extra_globals=_globals(),
-            persistent_load=self.persistent_load,
-            what=self.what,
-            allowed_description="a state dict of tensors",
+            io.BytesIO(data), what=self.what, extra=_globals(), persistent_load=self.persistent_load,
             encoding="latin1",
         ).load()
 
@@ -169,12 +164,7 @@ def _legacy(path: Path, raw: bytes, reader: _Reader):
     if isinstance(info, Mapping) and info.get("little_endian") is False:
         raise TorchFileError(f"{path}: written on a big-endian machine, not supported")
     unpickler = RestrictedUnpickler(
-        f,
-        extra_globals=_globals(),
-        persistent_load=reader.persistent_load,
-        what=reader.what,
-        allowed_description="a state dict of tensors",
-        encoding="latin1",
+        f, what=reader.what, extra=_globals(), persistent_load=reader.persistent_load, encoding="latin1"
     )
     obj = unpickler.load()
     keys = next_pickle()
@@ -225,7 +215,7 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
         obj = _zip(path, reader) if zipfile.is_zipfile(io.BytesIO(raw)) else _legacy(path, raw, reader)
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except READ_ERRORS as e:
         if isinstance(e, TorchFileError):
             if str(path) in str(e):
                 raise
