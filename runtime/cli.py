@@ -189,8 +189,7 @@ def caption_pictures(
     every bad file); pictures are grouped by input size (the grid's cell count) into batches; a batch's pictures
     are decoded and pre-processed on a thread while the previous batch is extracted and decoded. ``timings``
     (when given) receives the seconds spent in each stage: load (decode + pre-process, on the thread), extract,
-    caption (and draw: ``attention``, each picture's attention over its grid drawn and written as its batch is
-    done)."""
+    caption. ``attention``: each picture's attention over its grid is drawn and written as its batch is done."""
     spec = extractor.spec
     bad, cells, sizes = [], [], []
     for ref in images:
@@ -209,7 +208,7 @@ def caption_pictures(
     except BatchMemoryError as e:
         raise ImageError(f"{images[e.position].path}: {str(e).split(': ', 1)[1]}") from None
     seqs = np.zeros((len(images), max_length), dtype=np.int64)
-    spent = {"load": 0.0, "extract": 0.0, "caption": 0.0, **({"draw": 0.0} if attention is not None else {})}
+    spent = {"load": 0.0, "extract": 0.0, "caption": 0.0}
     if attention is not None:
         options = {**options, "return_attention": True}
 
@@ -248,7 +247,6 @@ def caption_pictures(
                         _write_attention(attention, backend, result, j, images[i].image_id, len(f.att),
                                          remove_bad_endings, picture=images[i].path, boxes=boxes, grid=f.grid,
                                          size=(w, h), file_name=str(images[i].path))
-                    spent["draw"] += time.perf_counter() - t3
                 if bar is not None:
                     bar.update(len(pos))
     finally:
@@ -384,23 +382,27 @@ def _infer(out, features, backend, precision, model, checkpoint, which, split, i
             why = engine.no_attention_message() if hasattr(engine, "no_attention_message") else (
                 f"the {backend} backend does not return attention weights")
             raise InferError(f"--attention: {why}")
-        writer = AttentionWriter(attention)
+        writer = AttentionWriter(attention, background=True)
     options: dict = {"block_trigrams": block_trigrams}
     if remove_bad_endings:
         options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
     if length_penalty:
         options["length_penalty"] = length_penalty
     start = time.perf_counter()
-    if pictures:
-        results = caption_pictures(
-            engine, engine.image_extractor(), images, beam_size, max_length, batch_size, options,
-            remove_bad_endings, progress, max_batch_bytes=max_batch_mb * 2**20, attention=writer,
-        )
-    else:
-        results = caption_images(
-            engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress, max_regions,
-            max_batch_mb * 2**20, attention=writer,
-        )
+    try:
+        if pictures:
+            results = caption_pictures(
+                engine, engine.image_extractor(), images, beam_size, max_length, batch_size, options,
+                remove_bad_endings, progress, max_batch_bytes=max_batch_mb * 2**20, attention=writer,
+            )
+        else:
+            results = caption_images(
+                engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress,
+                max_regions, max_batch_mb * 2**20, attention=writer,
+            )
+    finally:
+        if writer is not None:
+            writer.close()  # every drawing done (or its error raised) before the captions are written
     seconds = time.perf_counter() - start
     write_json_atomic(out, results)
     typer.echo(

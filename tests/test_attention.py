@@ -467,3 +467,26 @@ def test_decoder_step_weights_with_memory_per_image_and_per_row(model):
         _, _, per_row = model._step(it, state, mean_rows, tuple(rows),
                                     mask_to_bias(paddle.to_tensor(np.repeat(masks, k, axis=0))), True)
     np.testing.assert_allclose(shared.numpy(), per_row.numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_background_writer_writes_the_same_files_and_raises_drawing_errors(tmp_path):
+    from aoanet_runtime.attention import AttentionWriter
+
+    rng = np.random.default_rng(3)
+    tokens = ["a", "cat"]
+    weights = rng.dirichlet(np.ones(12), size=(2, 2)).astype(np.float32)
+    boxes = cell_boxes(3, 4) * np.array([80, 60, 80, 60])
+    picture = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    sync, background = AttentionWriter(tmp_path / "sync"), AttentionWriter(tmp_path / "bg", background=True)
+    for writer in (sync, background):
+        for i in range(5):
+            writer.write(i, "a cat", tokens, weights, picture=picture, boxes=boxes)
+        writer.close()
+        assert writer.written == 5
+    for i in range(5):
+        for name in (f"{i}.png", f"{i}.json"):
+            assert (tmp_path / "sync" / name).read_bytes() == (tmp_path / "bg" / name).read_bytes()
+    broken = AttentionWriter(tmp_path / "broken", background=True)
+    broken.write(0, "a cat", tokens, weights, picture=tmp_path / "missing.jpg", boxes=boxes)
+    with pytest.raises(Exception, match="missing.jpg"):
+        broken.close()
