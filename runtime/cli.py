@@ -26,6 +26,7 @@ from aoanet_runtime import atomic
 from aoanet_runtime.backends import BackendError, load_backend
 from aoanet_runtime.beam import length_penalty_fn
 from aoanet_runtime.captioner import in_streams
+from aoanet_runtime.exportdir import ExportDirError
 from aoanet_runtime.features import (
     FeatureError,
     ImageFile,
@@ -137,6 +138,12 @@ def infer(
         1, "--streams", min=1, help="batches decoded at once, each on its own thread (--backend onnx)"
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ray: bool = typer.Option(
+        False, "--ray", help="run as a Ray Data job: --out is then a directory of JSONL shards + captions.json"
+    ),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: an existing Ray cluster (default: local)"),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="--ray: captioning actors (default: CPUs)"),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="--ray: images per output shard"),
 ) -> None:
     """Caption the images of a split; prints the throughput (images/s) at the end."""
     try:
@@ -155,6 +162,15 @@ def infer(
             images = images[:num_images]
         if not images:
             raise InferError("no images to caption")
+        if ray:
+            if backend != "onnx" or model is None:
+                raise InferError("--ray runs the onnx backend: give --model EXPORT_DIR")
+            if streams != 1:
+                raise InferError("--streams is for one process; with --ray, --actors sets the parallelism")
+            return _infer_with_ray(out, images, model, precision.value, address, actors, shard_size, progress,
+                                   dict(beam_size=beam_size, max_length=max_length, batch_size=batch_size,
+                                        length_penalty=length_penalty, block_trigrams=block_trigrams,
+                                        remove_bad_endings=remove_bad_endings))
         if backend == "onnx":
             if model is None:
                 raise InferError("--backend onnx needs --model EXPORT_DIR")
@@ -172,12 +188,43 @@ def infer(
         )
         seconds = time.perf_counter() - start
         write_json_atomic(out, results)
-    except (InferError, BackendError, FeatureError, ValueError) as e:
+    except (InferError, BackendError, FeatureError, ExportDirError, ValueError) as e:
         typer.echo(f"aoanet-infer: error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(
         f"wrote {len(results)} captions to {out} ({backend} {precision.value}, beam {beam_size}): "
         f"{len(results) / seconds:.2f} images/s ({seconds:.1f} s)"
+    )
+
+
+def _infer_with_ray(out: Path, images, model: Path, precision: str, address, actors, shard_size, progress,
+                    decoding: dict) -> None:
+    from aoanet_runtime import ray_infer
+    from aoanet_runtime.exportdir import load_manifest
+    from aoanet_runtime.serve import model_id
+
+    if out.exists() and not out.is_dir():
+        raise InferError(f"--out {out}: with --ray, --out is a directory (of JSONL shards), and this is a file")
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise InferError("--ray needs Ray: pip install 'aoanet[runtime,serve]'") from None
+    manifest = load_manifest(model)
+    width = int(manifest["sizes"]["att_feat_size"])
+    settings = {"model": model_id(model), "precision": precision, "decoding": decoding}
+    job = ray_infer.Job(out, images, shard_size or ray_infer.default_shard_size(len(images)), settings)
+    start = time.perf_counter()
+    try:
+        results, computed = ray_infer.run(job, model, width, precision=precision, decoding=decoding, actors=actors,
+                                          address=address, progress=progress)
+    except ray_infer.RayJobError as e:
+        raise InferError(str(e)) from None
+    seconds = time.perf_counter() - start
+    write_json_atomic(out / ray_infer.MERGED, results)
+    typer.echo(
+        f"wrote {len(results)} captions to {out / ray_infer.MERGED} ({computed} of {len(job.shards)} shards "
+        f"computed now, the others kept from an earlier run; {seconds:.1f} s)"
     )
 
 
