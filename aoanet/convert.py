@@ -1,6 +1,6 @@
 """Import the authors' PyTorch AoANet checkpoints (``model.pth`` + ``infos_<id>.pkl``) into a Paddle AoAModel.
 
-The reference state dict (``aoanet-reference.md`` §1.6) uses the same parameter names as ``AoAModel``; the
+The authors' state dict (docs/model.md, "Parameters") uses the same parameter names as ``AoAModel``; the
 only layout difference is that PyTorch stores Linear weights as [out, in] and Paddle as [in, out]. Embedding,
 LSTMCell (gate order i, f, g, o in both) and the LayerNorm a_2/b_2 keep their layout. Sizes are inferred from
 the shapes; ``num_heads`` cannot be (it only splits R into heads), so it comes from the caller (the CLI reads

@@ -1,4 +1,5 @@
-"""Captioning a split with the Paddle model and scoring it with the coco-caption metrics (§5)."""
+"""Captioning a split with the Paddle model and scoring it with the coco-caption metrics (docs/training.md,
+"Evaluation")."""
 
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ def export_checkpoint(
     the fp32 graphs in its ``int8`` section.
 
     ``fold_embedding`` (default): the decoder looks up each word's share of the LSTM gates in a [V+1, 4R] table
-    instead of multiplying its embedding (``aoanet.model.FoldedStep``): 16% faster steps, a larger decoder file
-    (+100 MB at full size). Recorded in the manifest as ``decoder_step``.
+    instead of multiplying its embedding (``aoanet.model.FoldedStep``): faster steps, a larger decoder file
+    (docs/benchmarks.md). Recorded in the manifest as ``decoder_step``.
 
     Raises ExportError (ParityError when the graphs do not match the model) with ``out_dir`` untouched.
     """

@@ -2,7 +2,7 @@
 
 This is the one implementation used by both backends (Paddle ``generate`` and the onnxruntime
 captioner). It follows the authors' beam search (``models/CaptionModel.py:beam_search``/``beam_step``,
-``aoanet-reference.md`` §4.2), batched over images instead of looping over them:
+docs/model.md, "Decoding"), batched over images instead of looping over them:
 
 * rows are image-major: row ``b * K + k`` is beam ``k`` of image ``b``;
 * one BOS step (token 0); at t = 0 only beam 0 is expanded (all beams are identical);
@@ -145,7 +145,8 @@ def _topk(x: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray, n
         return np.take_along_axis(x, idx, axis=1), idx
     rows = np.arange(n)
     if k <= 8:
-        # k passes of argmax (first maximum = lowest index among ties): ~10x faster than argpartition.
+        # k passes of argmax (first maximum = lowest index among ties): faster than argpartition for small k
+        # (docs/benchmarks.md).
         work = x if overwrite else x.copy()
         idx = np.empty((n, k), dtype=np.int64)
         vals = np.empty((n, k), dtype=x.dtype)

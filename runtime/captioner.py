@@ -141,8 +141,8 @@ class Captioner:
         sessions (onnxruntime runs them concurrently); the default intra-op threads per session becomes
         CPUs // streams. Several streams keep every core busy through the parts a single stream runs on one
         core (numpy's search bookkeeping, small graph ops); it helps jobs of several batches a little and slows a
-        single batch (docs/benchmarks.md), so the default is 1. Results do not depend on it (each batch is decoded
-        as it would be alone).
+        single batch (docs/benchmarks.md, "Streams"), so the default is 1. Results do not depend on it (each batch
+        is decoded as it would be alone).
 
         ``device_memory``: see ``Captioner``."""
         if precision not in MODEL_FILES:

@@ -2,7 +2,7 @@
 
 Two layouts are read:
 
-* the reference's (``aoanet-reference.md`` §2.3): ``DATA_DIR/cocotalk.json`` lists the images (``id``,
+* the authors' (docs/data.md, "Formats"): ``DATA_DIR/cocotalk.json`` lists the images (``id``,
   ``split``) and ``DATA_DIR/cocobu_att/<id>.npz`` holds each one's regions (key ``feat``, (K, F) float32);
 * a plain folder of ``<id>.npz`` (key ``feat``) or ``<id>.npy`` files, one (K, F) array per image.
 

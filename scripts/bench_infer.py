@@ -431,9 +431,9 @@ def main() -> int:
         )
 
     # 8. Paddle static graph (paddle.inference) through the same captioner code. Last: running a paddle.inference
-    # predictor leaves the process's math library on 1 thread, and the dynamic graph then runs ~35% slower
-    # (measured: 15.1 -> 9.5-9.9 images/s; paddle.base.core.set_num_threads restores it), which would flatter every
-    # ratio to the dynamic graph.
+    # predictor leaves the process's math library on 1 thread, and the dynamic graph then runs markedly slower
+    # (paddle.base.core.set_num_threads restores it; docs/benchmarks.md), which would flatter every ratio to the
+    # dynamic graph.
     from aoanet_export.static import StaticFiles
     from aoanet_runtime.contract import DECODER_OUTPUTS, ENCODER_OUTPUTS
 

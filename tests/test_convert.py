@@ -1,6 +1,6 @@
 """Importing the authors' PyTorch checkpoints (issue 8): aoanet.convert and aoanet-convert.
 
-The state dicts here are built with the reference names and layouts of aoanet-reference.md §1.6 (PyTorch
+The state dicts here are built with the authors' names and layouts (docs/model.md, "Parameters"; PyTorch
 Linear weights [out, in]); the expected outputs come from a float64 numpy implementation of the reference
 equations written in this file, in that layout: neither the Paddle model nor the converter checks itself.
 """
@@ -179,7 +179,7 @@ def ref_step(P, it, h, c, mean, p_att, mask, heads=HEADS):
 
 
 def ref_beam_search(P, feats, mask, beam_size, max_length):
-    """The authors' per-image beam search (§4.2) over ref_step -> (seq [max_length], score)."""
+    """The authors' per-image beam search (docs/model.md, "Decoding") over ref_step -> (seq [max_length], score)."""
     k = beam_size
     mean, p_att = ref_encode(P, feats[None], mask[None])
     mean, p_att, mask = np.repeat(mean, k, 0), np.repeat(p_att, k, 0), np.repeat(mask[None], k, 0)

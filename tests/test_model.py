@@ -1,4 +1,4 @@
-"""The Paddle AoANet against an independent float64 numpy implementation of aoanet-reference.md §1."""
+"""The Paddle AoANet against an independent float64 numpy implementation of docs/model.md."""
 
 from __future__ import annotations
 

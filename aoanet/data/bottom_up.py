@@ -1,4 +1,4 @@
-"""``aoanet-data bu``: bottom-up-attention TSVs -> cocobu_att / cocobu_fc / cocobu_box (reference §2.3).
+"""``aoanet-data bu``: bottom-up-attention TSVs -> cocobu_att / cocobu_fc / cocobu_box (docs/data.md).
 
 Each TSV line holds ``image_id, image_w, image_h, num_boxes, boxes, features`` separated by tabs, ``boxes``
 and ``features`` being base64 float32 arrays of num_boxes x 4 and num_boxes x F values. The files were written

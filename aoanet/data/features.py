@@ -1,4 +1,4 @@
-"""The bottom-up feature files: names, writing and checked reading (reference §2.3).
+"""The bottom-up feature files: names, writing and checked reading (docs/data.md, "Formats").
 
 ``cocobu_att/<id>.npz`` (np.savez_compressed, key ``feat``, (K, F) float32), ``cocobu_fc/<id>.npy`` ((F,)
 float32, the mean of the K regions) and ``cocobu_box/<id>.npy`` ((K, 4) float32, x1 y1 x2 y2 in pixels). Every

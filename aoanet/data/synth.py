@@ -15,7 +15,7 @@ minutes and still see every class and colour hundreds of times:
 - feature width 128 (``att_feat_size: 128`` in the demo config), 10-30 regions per image (mean 15).
 - vocabulary 146 words with UNK (threshold 5); captions 9.9 tokens on average, 3.6% longer than 16 (cut by
   prepro like real ones).
-- on disk 62 MB; generation takes ~23 s (wall clock, one process, on a shared 2-core machine).
+- on disk 62 MB (generation time: docs/data.md).
 
 Everything is a function of ``seed`` (scene, captions, features of image i come from
 ``numpy.random.default_rng([seed, i])``, the splits from ``default_rng([seed, 2**32 - 1])``); the
@@ -26,12 +26,8 @@ Why a model beats the nearest-neighbour baseline (:mod:`aoanet.data.baseline`): 
 class, colour, count and position of two or three objects plus the setting, and the references use all of
 them. The mean feature retrieves a training image with some of the same classes and setting, but the exact
 combination (which colour goes with which object, who is left of whom) almost never recurs, so a copied
-caption gets partial credit; a model that attends to each object's region can say it.
-
-Measured on the default set (seed 123, 250 test images, CIDEr-D with the test references' idf): the
-nearest-neighbour baseline scores 0.38; a small AoANet (rnn_size 192, 2 refiner layers, dropout 0.2, batch
-20, lr 1e-3, 1,750 XE iterations = 10 epochs, greedy decoding) 2.35; a caption written from the true scene
-in the most common words 3.16.
+caption gets partial credit; a model that attends to each object's region can say it (the scores of both, and
+of a caption written from the true scene, are in docs/data.md).
 """
 
 from __future__ import annotations

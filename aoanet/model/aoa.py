@@ -1,4 +1,4 @@
-"""AoANet (Huang et al., ICCV 2019) in Paddle, faithful to the authors' code (aoanet-reference.md §1, §4).
+"""AoANet (Huang et al., ICCV 2019) in Paddle, faithful to the authors' code (docs/model.md).
 
 Token 0 is BOS, EOS and padding; the vocabulary has V words (UNK last, index V), so the logits have V+1 classes.
 Features are encoded once per image; captions or samples of the same image share that encoding (``expand``).
@@ -31,7 +31,7 @@ class AoAModel(nn.Layer):
         self.vocab_size = int(vocab_size)
         self.unk_idx = self.vocab_size  # UNK is the last word
         r, e = o.rnn_size, o.input_encoding_size
-        # Registration order follows the reference state dict (§1.6).
+        # Registration order follows the authors' state dict (docs/model.md, "Parameters").
         self.embed = nn.Sequential(
             nn.Embedding(
                 self.vocab_size + 1,
@@ -109,8 +109,8 @@ class AoAModel(nn.Layer):
         return self._step(it, state, mean_feats, self.core.split_memory(p_att_feats), mask_to_bias(att_masks))
 
     def _step(self, it, state, mean_feats, memory, mask_bias):
-        # The loops below split keys/values and build the mask bias once per sequence, not once per step:
-        # per-step slicing made slice/reshape gradients ~40% of a training step.
+        # The loops below split keys/values and build the mask bias once per sequence, not once per step: the
+        # slicing's gradients would otherwise take a large share of a training step (docs/benchmarks.md).
         xt = self.embed(it)
         out, h, c = self.core(xt, mean_feats, memory, mask_bias, state[0], state[1])
         return log_softmax(self.logit(out)), (h, c)
@@ -204,8 +204,9 @@ class AoAModel(nn.Layer):
         """Greedy (beam_size=1 with ``greedy_unk``) or beam search through the runtime's numpy search
         (``aoanet_runtime.beam``).
 
-        The search semantics are the authors' (§4.2); the same code drives the onnxruntime backend, so both give
-        the same captions. ``options``: length_penalty, block_trigrams, bad_ending_ids, early_stop.
+        The search semantics are the authors' (docs/model.md, "Decoding"); the same code drives the onnxruntime
+        backend, so both give the same captions. ``options``: length_penalty, block_trigrams, bad_ending_ids,
+        early_stop.
         """
         from aoanet_runtime.beam import is_greedy, search
 
@@ -334,5 +335,6 @@ class FoldedStep(nn.Layer):
 
 
 def build_model(vocab_size: int, **options) -> AoAModel:
-    """AoAModel with the reference option names; unspecified options take the authors' recipe (§1.7)."""
+    """AoAModel with the reference option names; unspecified options take the authors' recipe (docs/model.md,
+    "Options")."""
     return AoAModel(vocab_size, ModelOptions.from_dict(options))

@@ -1,7 +1,8 @@
-"""Building blocks of AoANet with the reference's numerics and parameter names (aoanet-reference.md §1).
+"""Building blocks of AoANet with the reference's numerics and parameter names (docs/model.md).
 
-Initialisation follows PyTorch's defaults (§1.5), not Paddle's: Linear weight and bias U(±1/sqrt(fan_in)),
-Embedding N(0, 1), LSTMCell U(±1/sqrt(hidden)). Linear weights are stored in Paddle's [in, out] layout.
+Initialisation follows PyTorch's defaults (docs/model.md, "Parameters"), not Paddle's: Linear weight and bias
+U(±1/sqrt(fan_in)), Embedding N(0, 1), LSTMCell U(±1/sqrt(hidden)). Linear weights are stored in Paddle's
+[in, out] layout.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def torch_lstm_cell(input_size: int, hidden_size: int) -> nn.LSTMCell:
 
 
 def log_softmax(x: paddle.Tensor) -> paddle.Tensor:
-    # Paddle's CPU log_softmax kernel grows with vocabulary^2; this form gives the same values ~100x faster.
+    # Paddle's CPU log_softmax kernel grows with vocabulary^2; this form gives the same values, much faster
+    # (docs/benchmarks.md).
     return x - paddle.logsumexp(x, axis=-1, keepdim=True)
 
 
@@ -108,7 +110,8 @@ def mask_to_bias(att_masks):
 
 
 class RefinerAttention(nn.Layer):
-    """Multi-head self-attention of the refiner with the AoA gate and no output projection (§1.2)."""
+    """Multi-head self-attention of the refiner with the AoA gate and no output projection (docs/model.md,
+    "Encoder")."""
 
     def __init__(
         self, d_model: int, num_heads: int, refine_aoa: bool, dropout_aoa: float, dropout: float = 0.1
@@ -175,7 +178,7 @@ class RefinerLayer(nn.Layer):
 
 
 class Refiner(nn.Layer):
-    """The AoA refining module: N pre-LN layers, then a final LayerNorm (§1.2)."""
+    """The AoA refining module: N pre-LN layers, then a final LayerNorm (docs/model.md, "Encoder")."""
 
     def __init__(self, d_model, num_heads, num_layers, refine_aoa, dropout_aoa, use_ff, dropout: float = 0.1):
         super().__init__()
@@ -216,7 +219,8 @@ class DecoderAttention(nn.Layer):
 
 
 class AoADecoderCore(nn.Layer):
-    """One decoder step (§1.3): LSTM on [word; mean + ctx_drop(c_{t-1})], attention, AoA (att2ctx)."""
+    """One decoder step (docs/model.md, "Decoder step"): LSTM on [word; mean + ctx_drop(c_{t-1})], attention, AoA
+    (att2ctx)."""
 
     def __init__(
         self,

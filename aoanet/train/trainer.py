@@ -165,7 +165,8 @@ class Trainer:
         self.state = state
 
     def _start_from(self, directory):
-        """SCST starts from the LAST XE checkpoint with its optimizer state (Adam moments), lr reset (§3.3)."""
+        """SCST starts from the LAST XE checkpoint with its optimizer state (Adam moments), lr reset
+        (docs/model.md, "Training")."""
         src = Path(directory)
         meta = ckpt.read_model_json(src)
         if meta["vocab_size"] != self.data.vocab_size:
@@ -225,7 +226,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- schedules
     def epoch_schedule(self, epoch: int) -> tuple[float, float]:
-        """(learning rate, scheduled-sampling probability) at the start of an epoch (§3.2)."""
+        """(learning rate, scheduled-sampling probability) at the start of an epoch (docs/model.md, "Training")."""
         t = self.cfg.train
         if self.stage == "scst":
             return self.state["lr"], 0.0
