@@ -5,10 +5,12 @@ so that the runtime can offer it without naming this package."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from aoanet.cpu import configure_math_library
 from aoanet_runtime.backends import BackendError
+from aoanet_runtime.features import MemoryModel
 
 
 class PaddleBackend:
@@ -16,6 +18,7 @@ class PaddleBackend:
         if checkpoint is None:
             raise BackendError("--backend paddle needs --checkpoint CHECKPOINT_DIR")
         configure_math_library()  # a command's process: tune Paddle's math library before it is loaded
+        warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)  # (custom operators only)
         import paddle
 
         from aoanet.train.checkpoint import CheckpointError, load_model
@@ -29,7 +32,9 @@ class PaddleBackend:
             self.model, self.ix_to_word = load_model(checkpoint, which)
         except (CheckpointError, ValueError, OSError) as e:
             raise BackendError(f"cannot load the checkpoint: {e}") from None
-        self.width = self.model.options.att_feat_size
+        o = self.model.options
+        self.width = o.att_feat_size
+        self.memory_model = MemoryModel(o.att_feat_size, o.rnn_size, o.num_heads)
         self.streams = 1
 
     def decode(self, att_feats, att_masks, beam_size, max_length, **options):

@@ -27,16 +27,6 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 
 
-def _weights_file(checkpoint_dir: Path, which: str) -> Path:
-    # Mirrors load_model's choice (best falls back to last when no validation ran), for the manifest.
-    from aoanet.train.checkpoint import WEIGHTS
-
-    path = checkpoint_dir / WEIGHTS[which]
-    if which == "best" and not path.is_file():
-        path = checkpoint_dir / WEIGHTS["last"]
-    return path
-
-
 def export_checkpoint(
     checkpoint_dir,
     out_dir,
@@ -58,9 +48,12 @@ def export_checkpoint(
     instead of multiplying its embedding (``aoanet.model.FoldedStep``): faster steps, a larger decoder file
     (docs/benchmarks.md). Recorded in the manifest as ``decoder_step``.
 
+    The checkpoint's files are verified against its manifest (``aoanet.train.checkpoint``) before anything is
+    traced, and the manifest's ``source_checkpoint`` records the sha256 of the weights exported.
+
     Raises ExportError (ParityError when the graphs do not match the model) with ``out_dir`` untouched.
     """
-    from aoanet.train.checkpoint import CheckpointError, load_model
+    from aoanet.train.checkpoint import CheckpointError, load_model_from, with_checkpoint
 
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir).resolve(), Path(out_dir).resolve()
@@ -75,11 +68,14 @@ def export_checkpoint(
     if int8:
         quantize.check_available()
 
+    def load(ck):
+        model, ix_to_word, role = load_model_from(ck, which)
+        return model, ix_to_word, ck.path(role), ck.sha256(role)
+
     try:
-        model, ix_to_word = load_model(checkpoint_dir, which)
+        model, ix_to_word, weights, weights_sha256 = with_checkpoint(checkpoint_dir, load)
     except CheckpointError as e:
         raise ExportError(f"cannot load the checkpoint: {e}") from e
-    weights = _weights_file(checkpoint_dir, which)
     log.info("loaded %s (vocabulary %d, rnn_size %d)", weights, model.vocab_size, model.options.rnn_size)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +110,8 @@ def export_checkpoint(
         source = {
             "path": str(checkpoint_dir),
             "which": which,
-            "weights_file": weights.name,
-            "weights_sha256": manifest_mod.sha256_file(weights),
+            "weights_file": weights.relative_to(checkpoint_dir).as_posix(),
+            "weights_sha256": weights_sha256,
         }
         manifest = manifest_mod.build(
             tmp, model, ix_to_word, opset, graphs, static, summary(report), source, int8=int8_section

@@ -5,7 +5,7 @@
 captioner is first used.
 """
 
-__all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "load_manifest"]
+__all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "NonFiniteError", "load_manifest"]
 
 _HOMES = {
     "Captioner": "aoanet_runtime.captioner",
@@ -13,6 +13,7 @@ _HOMES = {
     "ExportDirError": "aoanet_runtime.exportdir",
     "load_manifest": "aoanet_runtime.exportdir",
     "FeatureError": "aoanet_runtime.features",
+    "NonFiniteError": "aoanet_runtime.beam",
 }
 
 

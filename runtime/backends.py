@@ -3,7 +3,8 @@ registers under the entry-point group ``aoanet_runtime.backends``. The training 
 dynamic graph, ``aoanet.infer_backend``), so the runtime never names it.
 
 A backend has ``width`` (feature width), ``ix_to_word``, ``streams`` and ``decode(att_feats, att_masks, beam_size,
-max_length, **options) -> DecodeResult`` over one padded batch.
+max_length, **options) -> DecodeResult`` over one padded batch, and may have ``memory_model``
+(``aoanet_runtime.features.MemoryModel``: batches are then bounded in memory).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class OnnxBackend:
         self.streams = self.captioner.streams
         self.width = self.captioner.att_feat_size
         self.ix_to_word = self.captioner.ix_to_word
+        self.memory_model = self.captioner.memory_model
         self.decode = self.captioner.decode
 
 

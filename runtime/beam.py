@@ -32,7 +32,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Candidates", "DecodeResult", "beam_search", "greedy", "is_greedy", "length_penalty_fn", "search"]
+__all__ = [
+    "Candidates",
+    "DecodeResult",
+    "NonFiniteError",
+    "beam_search",
+    "greedy",
+    "is_greedy",
+    "length_penalty_fn",
+    "search",
+]
 
 UNK_PENALTY = 1000.0
 # Running sum given to a beam once it is finished, so that it stops being continued in practice.
@@ -46,6 +55,27 @@ GREEDY_OPTIONS = ("block_trigrams", "bad_ending_ids")
 
 Step = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
 Gather = Callable[[Any, np.ndarray], Any]
+
+
+class NonFiniteError(ValueError):
+    """The decoder gave NaN or infinite log-probabilities for some images (typically features of a magnitude the
+    model cannot handle). ``images``: their positions in the batch."""
+
+    def __init__(self, images, message: str | None = None):
+        self.images = sorted({int(i) for i in images})
+        super().__init__(
+            message
+            or f"the decoder's log-probabilities are not finite (NaN or inf) for the image(s) at batch position(s) "
+            f"{self.images}: their features are out of the range this model handles"
+        )
+
+
+def _check_finite(chosen: np.ndarray, images: np.ndarray) -> None:
+    """``chosen``: each row's best log-prob (NaN ranks first, so a row with any NaN shows it here); ``images``: the
+    batch position of each row."""
+    bad = ~np.isfinite(chosen)
+    if bad.any():
+        raise NonFiniteError(images[bad])
 
 
 @dataclass
@@ -290,6 +320,7 @@ def beam_search(
                 lp[:, unk] -= lp.dtype.type(UNK_PENALTY)
             ys, ix = _topk(lp[rows_t], k_beams, overwrite=True)  # row q's top words by rank c
             rv = np.take_along_axis(raw[rows_t], ix, axis=1)  # their raw log-probs
+        _check_finite(rv[:, 0], active if t == 0 else np.repeat(active, k_beams))
 
         if t == 0:  # [n_img, K]
             cand, words_by_flat, raw_by_flat = sums[:, :1] + ys, ix, rv
@@ -405,6 +436,7 @@ def greedy(
                 _apply_constraints(lp, seqs[rows], t, block_trigrams, bad_ids)
             words = lp.argmax(axis=1)
             chosen = raw[np.arange(words.size), words]
+        _check_finite(chosen[alive], rows[alive])
         out = rows[alive]
         seqs[out, t] = words[alive]
         seq_lp[out, t] = chosen[alive]

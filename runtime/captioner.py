@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from aoanet_runtime.beam import Candidates, DecodeResult, is_greedy, search
+from aoanet_runtime.beam import Candidates, DecodeResult, NonFiniteError, is_greedy, search
 from aoanet_runtime.contract import (
     CANDIDATE_OUTPUTS,
     DECODER_OUTPUTS,
@@ -34,7 +34,15 @@ from aoanet_runtime.contract import (
     PRECISIONS,
 )
 from aoanet_runtime.exportdir import ExportDirError, load_manifest, read_model
-from aoanet_runtime.features import FeatureError, batch_plan, pad_batch
+from aoanet_runtime.features import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_REGIONS,
+    FeatureError,
+    MemoryModel,
+    batch_plan,
+    check_regions,
+    pad_batch,
+)
 from aoanet_runtime.sessions import (
     CUDA,
     choose_providers,
@@ -45,7 +53,7 @@ from aoanet_runtime.sessions import (
 )
 from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
 
-__all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "load_manifest"]
+__all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "NonFiniteError", "load_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,8 @@ class Captioner:
         self.att_feat_size = int(sizes["att_feat_size"])
         self.rnn_size = int(sizes["rnn_size"])
         self.vocab_size = int(manifest["vocab_size"])
+        # what batch planning bounds (aoanet_runtime.features.MemoryModel)
+        self.memory_model = MemoryModel(self.att_feat_size, self.rnn_size, int(sizes.get("num_heads", 8)))
         self.unk_id = int(manifest["unk_id"])
         self.ix_to_word = {str(k): w for k, w in manifest["ix_to_word"].items()}
         self._bad_ending_ids = bad_ending_ids(self.ix_to_word)
@@ -199,7 +209,8 @@ class Captioner:
         if not np.isfinite(feats).all():
             raise FeatureError(f"{what}: features contain NaN or infinite values")
 
-    def _prepare(self, att_feats, att_masks, batch_size: int) -> tuple[int, list[tuple]]:
+    def _prepare(self, att_feats, att_masks, batch_size: int, max_regions: int | None,
+                 max_batch_bytes: int) -> tuple[int, list[tuple]]:
         """-> (number of images, [(positions, padded feats, masks), ...])."""
         if isinstance(att_feats, np.ndarray) and att_feats.dtype != object:
             if att_feats.ndim != 3:
@@ -221,24 +232,33 @@ class Captioner:
             att_masks = np.asarray(att_masks, dtype=np.float32)
             if att_masks.shape != (b, n):
                 raise FeatureError(f"att_masks must have shape {(b, n)} (images, regions), got {att_masks.shape}")
-            empty = np.nonzero(att_masks.sum(axis=1) == 0)[0]
+            counts = att_masks.sum(axis=1)
+            empty = np.nonzero(counts == 0)[0]
             if empty.size:
                 raise FeatureError(f"image {int(empty[0])} has 0 regions (its att_masks row is all zeros)")
+            check_regions(n, "att_feats", max_regions)
             feats = np.asarray(att_feats, dtype=np.float32)
             self._check_finite(feats, "att_feats")
+            # every image is padded to n regions: the batch size that fits the memory bound at n
+            memory = self.memory_model
+            if memory.batch_bytes(1, n) > max_batch_bytes:
+                raise FeatureError(f"att_feats: {n} regions per image need ~{memory.batch_bytes(1, n) / 2**20:.0f} "
+                                   f"MB each, over the batch limit of {max_batch_bytes / 2**20:.0f} MB")
+            step = max(1, min(batch_size, (max_batch_bytes - memory.BATCH_BYTES) // memory.image_bytes(n)))
             batches = []
-            for start in range(0, b, batch_size):
-                pos = np.arange(start, min(start + batch_size, b))
-                batches.append((pos, feats[start : start + batch_size], att_masks[start : start + batch_size]))
+            for start in range(0, b, step):
+                pos = np.arange(start, min(start + step, b))
+                batches.append((pos, feats[start : start + step], att_masks[start : start + step]))
             return b, batches
         if att_masks is not None:
             raise FeatureError("att_masks is only for a padded [images, regions, width] array, not for a list")
         images = [np.asarray(f) for f in att_feats]
         for i, f in enumerate(images):
             self._check_array(f, f"image {i}")
+            check_regions(f.shape[0], f"image {i}", max_regions)
             self._check_finite(f, f"image {i}")
         batches = []
-        for pos in batch_plan([f.shape[0] for f in images], batch_size):
+        for pos in batch_plan([f.shape[0] for f in images], batch_size, self.memory_model, max_batch_bytes):
             feats, masks = pad_batch([images[i] for i in pos])
             batches.append((pos, feats, masks))
         return len(images), batches
@@ -399,6 +419,8 @@ class Captioner:
         suppress_unk: bool = True,
         early_stop: bool = True,
         on_batch: Callable[[int], None] | None = None,
+        max_regions: int | None = DEFAULT_MAX_REGIONS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> Captions:
         """Caption many images: ``att_feats`` is a padded float32 [B, N, F] array (with ``att_masks``
         [B, N], 1 = region, default all ones) or a list of per-image (K_i, F) arrays, which are grouped by
@@ -409,10 +431,14 @@ class Captioner:
         EOS right after a bad-ending word, and such words stripped from the caption's end (as the reference).
         ``on_batch(n_images)`` is called after each batch, in order (progress bars). With ``streams`` > 1 (see
         ``from_dir``) that many batches are decoded at once on worker threads.
+
+        Bounds: an image with more than ``max_regions`` regions is refused (None: no limit), and batches hold no
+        more images than fit in ``max_batch_bytes`` of estimated working memory (``aoanet_runtime.features``). An
+        image whose features make the decoder's outputs NaN or infinite is a ``NonFiniteError`` naming it.
         """
         if int(beam_size) < 1 or int(max_length) < 1 or int(batch_size) < 1:
             raise ValueError("beam_size, max_length and batch_size must be >= 1")
-        n_images, batches = self._prepare(att_feats, att_masks, int(batch_size))
+        n_images, batches = self._prepare(att_feats, att_masks, int(batch_size), max_regions, int(max_batch_bytes))
         seqs = np.zeros((n_images, max_length), dtype=np.int64)
         scores = np.zeros(n_images, dtype=np.float64)
         logprobs = np.zeros((n_images, max_length), dtype=np.float32)
@@ -427,8 +453,15 @@ class Captioner:
             options["bad_ending_ids"] = self._bad_ending_ids
 
         def decode(batch):
-            _, feats, masks = batch
-            return self.decode(feats, masks, beam_size, max_length, greedy_unk=greedy_unk, **options)
+            pos, feats, masks = batch
+            try:
+                return self.decode(feats, masks, beam_size, max_length, greedy_unk=greedy_unk, **options)
+            except NonFiniteError as e:
+                images = [int(pos[i]) for i in e.images]
+                biggest = float(np.abs(feats[e.images]).max())
+                raise NonFiniteError(images, f"image(s) {images}: the decoder's outputs are not finite (NaN or inf); "
+                                     f"their features (largest |value| {biggest:.3g}) are out of the range this "
+                                     "model handles") from None
 
         for (pos, _, _), result in zip(batches, in_streams(decode, batches, self.streams), strict=True):
             seqs[pos], scores[pos], logprobs[pos] = result.seqs, result.scores, result.logprobs

@@ -5,9 +5,11 @@
     aoanet-infer --backend paddle --checkpoint CKPT_DIR --features DATA_DIR [--split test] --out captions.json
 
 Every backend lists the images the same way, checks every feature file's header before decoding, decodes the
-same batches (grouped by region count) through the same search, and writes the same JSON: one
+same batches (grouped by region count, bounded in memory) through the same search, and writes the same JSON: one
 ``{"image_id", "caption"}`` per image in the listing's order, written atomically (on any error, nothing is
-written). Backends other than onnx come from installed packages (``aoanet_runtime.backends``).
+written; whether ``--out`` can be written is checked first). Backends other than onnx come from installed packages
+(``aoanet_runtime.backends``). An image with more than ``--max-regions`` regions is refused from its file's header;
+one whose features make the decoder's outputs NaN or infinite is an error naming it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ import typer
 
 from aoanet_runtime import atomic
 from aoanet_runtime.backends import BackendError, load_backend
-from aoanet_runtime.beam import length_penalty_fn
+from aoanet_runtime.beam import NonFiniteError, length_penalty_fn
 from aoanet_runtime.captioner import in_streams
+from aoanet_runtime.cliutil import EPILOG, check_output_dir, check_output_file, command_args, report_errors
 from aoanet_runtime.exportdir import ExportDirError
 from aoanet_runtime.features import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_REGIONS,
+    INPUT_JSON,
+    BatchMemoryError,
     FeatureError,
     ImageFile,
     batch_plan,
@@ -63,19 +70,39 @@ def caption_images(
     options: dict,
     remove_bad_endings: bool = False,
     progress: bool = True,
+    max_regions: int | None = DEFAULT_MAX_REGIONS,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
 ) -> list[dict]:
     """COCO results for ``images`` (listing order). One stream: feature files are read one batch ahead on a
     thread; ``backend.streams`` > 1: that many batches are read and decoded at once
-    (``aoanet_runtime.captioner.in_streams``)."""
-    counts = [region_count(img, backend.width) for img in images]  # fail fast, before any decoding
-    plan = batch_plan(counts, batch_size)
+    (``aoanet_runtime.captioner.in_streams``). Batches are bounded by the backend's ``memory_model`` when it has
+    one."""
+    # fail fast, before any decoding: every file's header (shape, width, region limit)
+    counts = [region_count(img, backend.width, max_regions) for img in images]
+    try:
+        plan = batch_plan(counts, batch_size, getattr(backend, "memory_model", None), max_batch_bytes)
+    except BatchMemoryError as e:
+        img = images[e.position]
+        raise FeatureError(f"{img.path} (image id {img.image_id}): {str(e).split(': ', 1)[1]}") from None
     seqs = np.zeros((len(images), max_length), dtype=np.int64)
 
     def load(pos):
         return pad_batch([read_features(images[i], backend.width) for i in pos])
 
+    def decode(pos, att_feats, att_masks):
+        try:
+            return backend.decode(att_feats, att_masks, beam_size, max_length, **options)
+        except NonFiniteError as e:
+            img = images[pos[e.images[0]]]
+            biggest = float(np.abs(att_feats[e.images[0]]).max())
+            others = f" (and {len(e.images) - 1} more image(s) of its batch)" if len(e.images) > 1 else ""
+            raise FeatureError(
+                f"{img.path} (image id {img.image_id}){others}: the model's outputs are not finite (NaN or inf) for "
+                f"these features (largest |value| {biggest:.3g}): they are out of the range this model handles"
+            ) from None
+
     def load_and_decode(pos):
-        return backend.decode(*load(pos), beam_size, max_length, **options)
+        return decode(pos, *load(pos))
 
     def prefetched():
         # one stream: decode here while the next batch's files are read on a thread
@@ -85,7 +112,7 @@ def caption_images(
                 att_feats, att_masks = pending.result()
                 if i + 1 < len(plan):
                     pending = pool.submit(load, plan[i + 1])
-                yield backend.decode(att_feats, att_masks, beam_size, max_length, **options)
+                yield decode(plan[i], att_feats, att_masks)
 
     results = in_streams(load_and_decode, plan, backend.streams) if backend.streams > 1 else prefetched()
     bar = None
@@ -106,7 +133,13 @@ def caption_images(
     return [{"image_id": img.image_id, "caption": cap} for img, cap in zip(images, captions, strict=True)]
 
 
-@app.command()
+def _num_images(value: int) -> int:
+    if value < -1:
+        raise typer.BadParameter(f"{value}: give a number of images >= 0, or -1 for all")
+    return value
+
+
+@app.command(epilog=EPILOG)
 def infer(
     out: Path = typer.Option(..., "--out", help="COCO results JSON to write: [{image_id, caption}]"),
     features: Optional[Path] = typer.Option(
@@ -121,7 +154,9 @@ def infer(
     model: Optional[Path] = typer.Option(None, "--model", help="export directory (--backend onnx)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint dir (--backend paddle)"),
     which: str = typer.Option("best", "--which", help="checkpoint weights: best | last (--backend paddle)"),
-    split: str = typer.Option("test", "--split", help="train | val | test | restval | all (cocotalk.json only)"),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="train | val | test | restval | all (a data dir with cocotalk.json; default test)"
+    ),
     input_json: Optional[Path] = typer.Option(None, "--input-json", help="instead of DATA_DIR/cocotalk.json"),
     att_dir: Optional[Path] = typer.Option(None, "--att-dir", help="instead of DATA_DIR/cocobu_att"),
     beam_size: int = typer.Option(3, "--beam-size", min=1, help="1 = greedy"),
@@ -130,12 +165,21 @@ def infer(
     length_penalty: str = typer.Option("", "--length-penalty", help="'' (authors'), wu_<alpha> or avg_<alpha>"),
     block_trigrams: bool = typer.Option(False, "--block-trigrams"),
     remove_bad_endings: bool = typer.Option(False, "--remove-bad-endings"),
-    num_images: int = typer.Option(-1, "--num-images", help="caption only the first N images (-1: all)"),
+    num_images: int = typer.Option(
+        -1, "--num-images", callback=_num_images, help="caption only the first N images (-1: all)"
+    ),
     threads: Optional[int] = typer.Option(
         None, "--threads", min=1, help="compute threads per session (default: all CPUs / --streams)"
     ),
     streams: int = typer.Option(
         1, "--streams", min=1, help="batches decoded at once, each on its own thread (--backend onnx)"
+    ),
+    max_regions: int = typer.Option(
+        DEFAULT_MAX_REGIONS, "--max-regions", min=1, help="refuse images with more regions (read from the headers)"
+    ),
+    max_batch_mb: int = typer.Option(
+        DEFAULT_MAX_BATCH_BYTES // 2**20, "--max-batch-mb", min=1,
+        help="estimated working memory per batch: images with many regions go in smaller batches",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     ray: bool = typer.Option(
@@ -146,51 +190,68 @@ def infer(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="--ray: images per output shard"),
 ) -> None:
     """Caption the images of a split; prints the throughput (images/s) at the end."""
-    try:
-        if features is None and input_json is None and att_dir is None:
-            raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
-        if backend != "onnx" and precision is not Precision.fp32:
-            raise InferError(
-                f"--precision {precision.value} is for --backend onnx (the quantized graphs of an export dir); "
-                f"--backend {backend} runs in fp32"
-            )
-        if backend != "onnx" and streams != 1:
-            raise InferError(f"--streams is for --backend onnx; --backend {backend} decodes one batch at a time")
-        length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
-        images = list_images(features, split, input_json=input_json, att_dir=att_dir)
-        if num_images >= 0:
-            images = images[:num_images]
-        if not images:
-            raise InferError("no images to caption")
-        if ray:
-            if backend != "onnx" or model is None:
-                raise InferError("--ray runs the onnx backend: give --model EXPORT_DIR")
-            if streams != 1:
-                raise InferError("--streams is for one process; with --ray, --actors sets the parallelism")
-            return _infer_with_ray(out, images, model, precision.value, address, actors, shard_size, progress,
-                                   dict(beam_size=beam_size, max_length=max_length, batch_size=batch_size,
-                                        length_penalty=length_penalty, block_trigrams=block_trigrams,
-                                        remove_bad_endings=remove_bad_endings))
-        if backend == "onnx":
-            if model is None:
-                raise InferError("--backend onnx needs --model EXPORT_DIR")
-            engine = load_backend("onnx", model=model, threads=threads, precision=precision.value, streams=streams)
-        else:
-            engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads)
-        options: dict = {"block_trigrams": block_trigrams}
-        if remove_bad_endings:
-            options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
-        if length_penalty:
-            options["length_penalty"] = length_penalty
-        start = time.perf_counter()
-        results = caption_images(
-            engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress
+    run = report_errors("aoanet-infer", InferError, BackendError, FeatureError, ExportDirError, ValueError)(_infer)
+    run(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
+        batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
+        max_regions, max_batch_mb, progress, ray, address, actors, shard_size)
+
+
+def _infer(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
+           batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
+           max_regions, max_batch_mb, progress, ray, address, actors, shard_size) -> None:
+    if ray:  # --out is a directory of shards
+        check_output_dir(out)
+    else:
+        check_output_file(out)  # before the work, not after it
+    if features is None and input_json is None and att_dir is None:
+        raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
+    if backend != "onnx" and precision is not Precision.fp32:
+        raise InferError(
+            f"--precision {precision.value} is for --backend onnx (the quantized graphs of an export dir); "
+            f"--backend {backend} runs in fp32"
         )
-        seconds = time.perf_counter() - start
-        write_json_atomic(out, results)
-    except (InferError, BackendError, FeatureError, ExportDirError, ValueError) as e:
-        typer.echo(f"aoanet-infer: error: {e}", err=True)
-        raise typer.Exit(1) from None
+    if backend != "onnx" and streams != 1:
+        raise InferError(f"--streams is for --backend onnx; --backend {backend} decodes one batch at a time")
+    length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
+    has_json = input_json is not None or (features is not None and (features / INPUT_JSON).is_file())
+    if split is not None and not has_json:
+        raise InferError(
+            f"--split {split} selects images of a cocotalk.json; {features or att_dir} is a plain folder of feature "
+            "files, captioned whole (leave --split out, or give --input-json)"
+        )
+    images = list_images(features, split or "test", input_json=input_json, att_dir=att_dir)
+    if num_images >= 0:
+        images = images[:num_images]
+    if not images:
+        raise InferError("no images to caption")
+    if ray:
+        if backend != "onnx" or model is None:
+            raise InferError("--ray runs the onnx backend: give --model EXPORT_DIR")
+        if streams != 1:
+            raise InferError("--streams is for one process; with --ray, --actors sets the parallelism")
+        decoding = dict(beam_size=beam_size, max_length=max_length, batch_size=batch_size,
+                        length_penalty=length_penalty, block_trigrams=block_trigrams,
+                        remove_bad_endings=remove_bad_endings, max_regions=max_regions,
+                        max_batch_bytes=max_batch_mb * 2**20)
+        return _infer_with_ray(out, images, model, precision.value, address, actors, shard_size, progress, decoding)
+    if backend == "onnx":
+        if model is None:
+            raise InferError("--backend onnx needs --model EXPORT_DIR")
+        engine = load_backend("onnx", model=model, threads=threads, precision=precision.value, streams=streams)
+    else:
+        engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads)
+    options: dict = {"block_trigrams": block_trigrams}
+    if remove_bad_endings:
+        options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
+    if length_penalty:
+        options["length_penalty"] = length_penalty
+    start = time.perf_counter()
+    results = caption_images(
+        engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress, max_regions,
+        max_batch_mb * 2**20,
+    )
+    seconds = time.perf_counter() - start
+    write_json_atomic(out, results)
     typer.echo(
         f"wrote {len(results)} captions to {out} ({backend} {precision.value}, beam {beam_size}): "
         f"{len(results) / seconds:.2f} images/s ({seconds:.1f} s)"
@@ -203,8 +264,6 @@ def _infer_with_ray(out: Path, images, model: Path, precision: str, address, act
     from aoanet_runtime.exportdir import load_manifest
     from aoanet_runtime.serve import model_id
 
-    if out.exists() and not out.is_dir():
-        raise InferError(f"--out {out}: with --ray, --out is a directory (of JSONL shards), and this is a file")
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
@@ -229,7 +288,7 @@ def _infer_with_ray(out: Path, images, model: Path, precision: str, address, act
 
 
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv)
+    app(args=command_args(argv), prog_name="aoanet-infer")
 
 
 if __name__ == "__main__":

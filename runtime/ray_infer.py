@@ -117,12 +117,13 @@ def load_shard(row: dict) -> dict:
     """CPU task: read and check one shard's feature files; the arrays travel padded, with their lengths. A bad
     file does not fail the task: its message travels with the shard (``error``), so that the job reports every
     bad file in one line each, keeps the good shards, and never shows Ray's wrapped remote tracebacks."""
-    from aoanet_runtime.features import FeatureError, pad_batch, read_features
+    from aoanet_runtime.features import FeatureError, pad_batch, read_features, region_count
 
     images = [ImageFile(image_id, Path(path)) for image_id, path in zip(row["ids"], row["paths"], strict=True)]
     feats, errors = [], []
     for image in images:
         try:
+            region_count(image, int(row["width"]), row["max_regions"])  # the header first: bounded work
             feats.append(read_features(image, int(row["width"])))
         except FeatureError as e:
             errors.append(str(e))
@@ -218,6 +219,7 @@ def _run_pipeline(job, pending, count, export_dir, width, precision, decoding, a
             "ids": [image.image_id for image in job.shards[i]],
             "paths": [str(image.path) for image in job.shards[i]],
             "width": width,
+            "max_regions": decoding.get("max_regions"),
         }
         for i in pending
     ]

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from aoanet_runtime.contract import MANIFEST
+from aoanet_runtime.features import DEFAULT_MAX_REGIONS
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Limits:
 
     max_request_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    max_regions: int = 1000
+    max_regions: int = DEFAULT_MAX_REGIONS
     max_beam_size: int = 5
 
 
@@ -173,18 +174,25 @@ class CaptionService:
         for i, item in enumerate(inputs):
             groups.setdefault((item.kind, item.beam_size), []).append(i)
         for (kind, beam_size), positions in groups.items():
-            if kind == "image":
-                self._caption_images(inputs, positions, beam_size, results)
-                continue
-            out = self.captioner.caption([inputs[i].data for i in positions], beam_size=beam_size)
-            for j, i in enumerate(positions):
-                results[i] = self._answer(out.captions[j], out.scores[j], len(inputs))
+            try:
+                answers = self._caption(kind, [inputs[i].data for i in positions], beam_size, len(inputs))
+            except ValueError:
+                # One input the model cannot caption (non-finite outputs, an undecodable image) fails the call:
+                # caption the group's inputs one by one, so that only the bad ones get an error.
+                answers = []
+                for i in positions:
+                    try:
+                        answers += self._caption(kind, [inputs[i].data], beam_size, len(inputs))
+                    except ValueError as e:
+                        answers.append({"error": str(e), "status": 422})
+            for i, answer in zip(positions, answers, strict=True):
+                results[i] = answer
         return results
 
-    def _caption_images(self, inputs, positions, beam_size, results) -> None:
-        out = self.captioner.caption_images([inputs[i].data for i in positions], beam_size=beam_size)
-        for j, i in enumerate(positions):
-            results[i] = self._answer(out.captions[j], out.scores[j], len(inputs))
+    def _caption(self, kind: str, data: list, beam_size: int, batch_size: int) -> list[dict]:
+        caption = self.captioner.caption_images if kind == "image" else self.captioner.caption
+        out = caption(data, beam_size=beam_size, max_regions=self.limits.max_regions)
+        return [self._answer(c, s, batch_size) for c, s in zip(out.captions, out.scores, strict=True)]
 
     def _answer(self, caption: str, score: float, batch_size: int) -> dict:
         return {"caption": caption, "score": float(score), "model": self.model_id, "batch_size": batch_size}

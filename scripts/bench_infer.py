@@ -247,17 +247,15 @@ def ensure_export(work: Path) -> Path:
     import paddle
 
     from aoanet.model import build_model
-    from aoanet.train.checkpoint import atomic_paddle_save, write_model_json
+    from aoanet.train.checkpoint import save_model_dir
     from aoanet_export import export_checkpoint
 
     checkpoint = work / "checkpoint"
-    if not (checkpoint / "model.pdparams").is_file():
-        checkpoint.mkdir(parents=True, exist_ok=True)
+    if not (checkpoint / "checkpoint.json").is_file():
         paddle.seed(0)
         model = build_model(V)
         model.eval()
-        write_model_json(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
-        atomic_paddle_save(model.state_dict(), checkpoint / "model.pdparams")
+        save_model_dir(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
     print(f"exporting a random full-size model to {export_dir} (fp32 + int8) ...", flush=True)
     export_checkpoint(checkpoint, export_dir, force=True, int8=True)
     return export_dir

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The README's command for the runtime alone, run from a clone.
 RUNTIME_INSTALL = ["install", ".[runtime]"]
 # What the runtime must not pull in.
-FORBIDDEN = ("paddle", "paddle2onnx", "h5py", "pycocoevalcap", "matplotlib", "yaml", "torch")
+FORBIDDEN = ("paddle", "paddle2onnx", "h5py", "pycocoevalcap", "matplotlib", "yaml", "torch", "safetensors")
 # What a source distribution of the project holds (the rest of a clone is tests, scripts, configs, artifacts).
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "aoanet", "export", "runtime")
 

@@ -143,6 +143,7 @@ def test_service_multipart_upload(service, feature_folder, export_dir):
         (npy_bytes(np.ones((3, F + 1), np.float32)), "", 400, f"shape (regions, {F})"),
         (npy_bytes(np.ones((51, F), np.float32)), "", 413, "1..50 are accepted"),
         (npy_bytes(np.full((2, F), np.nan, np.float32)), "", 400, "NaN"),
+        (npy_bytes(np.full((2, F), 3e38, np.float32)), "", 422, "not finite"),
         (npy_bytes(np.array([{"a": 1}], dtype=object)), "", 400, "float array"),
         (npy_bytes(np.ones((2, F), np.float32)), "?beam_size=9", 400, "beam_size must be in 1..4"),
         (npy_bytes(np.ones((2, F), np.float32)), "?beam_size=two", 400, "beam_size must be an integer"),
@@ -154,6 +155,20 @@ def test_service_refuses_bad_requests_and_keeps_serving(service, feature_folder,
     assert got == status and message in answer["error"], answer
     good, answer = request(f"{service}/v1/captions", (feature_folder / "0.npy").read_bytes())
     assert good == 200 and isinstance(answer["caption"], str)
+
+
+def test_a_bad_input_in_a_batch_fails_alone(service, feature_folder):
+    """Features whose magnitude makes the decoder's outputs non-finite, sent together with good requests: the bad
+    one gets a 422 naming the problem, the others (captioned in the same batches) their captions."""
+    huge = npy_bytes(np.full((2, F), 3e38, np.float32))
+    bodies = [huge] + [(feature_folder / f"{i}.npy").read_bytes() for i in range(7)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: request(f"{service}/v1/captions?beam_size=2", b), bodies))
+    assert answers[0][0] == 422 and "not finite" in answers[0][1]["error"]
+    assert all(status == 200 for status, _ in answers[1:]), answers
+    assert max(answer["batch_size"] for _, answer in answers[1:]) > 1
+    alone = [request(f"{service}/v1/captions?beam_size=2", b)[1]["caption"] for b in bodies[1:]]
+    assert [answer["caption"] for _, answer in answers[1:]] == alone
 
 
 def test_service_unknown_route_and_method(service):

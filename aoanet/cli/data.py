@@ -7,33 +7,25 @@ aliases. A data error prints one clear message (file, image id, field) and exits
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from aoanet.data.errors import DataError
+from aoanet_runtime.cliutil import EPILOG, check_output_dir, check_output_file, command_args, report_errors
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Prepare captioning data in the reference formats, or generate the embedded dataset.",
+    epilog=EPILOG,
 )
 
 
 def _report(fn):
-    """Turn DataError into a one-line message and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DataError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
+    """Expected failures (bad data, unwritable outputs, bad values) -> one line and exit status 1."""
+    return functools.wraps(fn)(report_errors("aoanet-data", DataError, ValueError)(fn))
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -70,6 +62,8 @@ def prepro(
     """Build the vocabulary and cocotalk.json + cocotalk_label.h5 from dataset_coco.json."""
     from aoanet.data.prepro import prepro_labels
 
+    check_output_file(output_json, "--output-json")
+    check_output_file(_label_h5_path(output_h5), "--output-h5")
     summary = prepro_labels(input_json, output_json, _label_h5_path(output_h5), word_count_threshold, max_length)
     _print_summary("prepro done", summary)
 
@@ -109,6 +103,8 @@ def bu(
         dirs = feature_dirs(out)
     else:
         dirs = tuple(output_dir.with_name(output_dir.name + s) for s in ("_att", "_fc", "_box"))
+    for d in dirs:
+        check_output_dir(d, "--out" if out is not None else "--output_dir")
     _print_summary("bu done", convert_tsv(paths, *dirs, feat_dim=feat_dim))
 
 
@@ -132,6 +128,7 @@ def ngrams(
     if (out is None) == (output_pkl is None):
         raise typer.BadParameter("give exactly one of --out FILE or --output_pkl PREFIX")
     target = out if out is not None else output_pkl.with_name(output_pkl.name + "-ngrams.json.gz")
+    check_output_file(target, "--out")
     _print_summary("ngrams done", prepro_ngrams(input_json, dict_json, target, split))
 
 
@@ -146,6 +143,7 @@ def synth(
     """Generate the embedded synthetic dataset: dataset_coco.json + cocobu_att/fc/box."""
     from aoanet.data.synth import make_synth
 
+    check_output_dir(out)
     _print_summary("synth done", make_synth(out, images=images, seed=seed, feat_dim=feat_dim))
 
 
@@ -170,12 +168,14 @@ def check(
             typer.echo(str(p))
         typer.echo(f"{len(problems)} problem(s) found in {data_dir}", err=True)
         raise typer.Exit(1)
-    _print_summary(f"{data_dir}: OK", summary)
+    what = ("every array decoded" if full else
+            "array headers and file sizes checked; --full also decodes every array (NaN/inf, corrupted data)")
+    _print_summary(f"{data_dir}: OK ({what})", summary)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``aoanet-data``; ``argv`` lets the seed-named scripts prepend their command."""
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="aoanet-data")
+    app(args=command_args(argv), prog_name="aoanet-data")
 
 
 if __name__ == "__main__":

@@ -85,14 +85,29 @@ def _header(f) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
+def _check_size(shape, dtype, header_end: int, size: int, what: str) -> None:
+    """A file (or npz member) holding fewer bytes than its header's shape needs is truncated."""
+    needed = header_end + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size < needed:
+        raise ValueError(f"{what} is truncated: {size} bytes, its header's shape {tuple(shape)} needs {needed}")
+
+
 def npz_header(path: str | os.PathLike, key: str = "feat") -> tuple[tuple, np.dtype]:
     """Shape and dtype of one array in an npz, reading only its header (no decompression of the data): this
-    keeps ``aoanet-data check`` fast on 123k images. Raises KeyError if the key is absent."""
+    keeps ``aoanet-data check`` fast on 123k images; the member's declared size must hold that shape. Raises
+    KeyError if the key is absent."""
     with zipfile.ZipFile(path) as z:
-        with z.open(f"{key}.npy") as f:
-            return _header(f)
+        info = z.getinfo(f"{key}.npy")
+        with z.open(info) as f:
+            shape, dtype = _header(f)
+            _check_size(shape, dtype, f.tell(), info.file_size, f"array {key!r}")
+            return shape, dtype
 
 
 def npy_header(path: str | os.PathLike) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of a .npy from its header; the file's size must hold that shape (a truncated file is an
+    error)."""
     with open(path, "rb") as f:
-        return _header(f)
+        shape, dtype = _header(f)
+        _check_size(shape, dtype, f.tell(), os.fstat(f.fileno()).st_size, "the file")
+        return shape, dtype

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aoanet.data.atomic import write_json
+from aoanet.data.errors import DataError
 from aoanet.data.features import feature_dirs, write_image_features
 from aoanet.data.synth_features import FeatureSpace
 from aoanet.data.synth_grammar import caption, raw_sentence
@@ -74,14 +75,23 @@ def make_synth(
     seed: int = DEFAULT_SEED,
     feat_dim: int = DEFAULT_FEAT_DIM,
 ) -> dict:
-    """Generate the dataset into ``out_dir``; returns a summary (counts, sizes) for printing."""
+    """Generate the dataset into ``out_dir``; returns a summary (counts, sizes) for printing. The arguments are
+    checked before anything is created."""
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise DataError(f"--seed must be >= 0, got {seed}")
+    if feat_dim < 1:
+        raise DataError(f"--feat-dim must be >= 1, got {feat_dim}")
+    try:
+        split_sizes(images)
+        space = FeatureSpace(feat_dim)
+    except ValueError as e:
+        raise DataError(f"--images {images}: {e}" if "images" in str(e) else str(e)) from None
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a directory")
     att_dir, fc_dir, box_dir = feature_dirs(out)
     for d in (att_dir, fc_dir, box_dir):
         d.mkdir(parents=True, exist_ok=True)
-    space = FeatureSpace(feat_dim)
     splits = _splits(images, seed)
     entries, n_regions, lengths = [], [], []
     for i in tqdm(range(images), desc="synth images", unit="img"):
