@@ -7,7 +7,9 @@ numpy scalars and arrays as numpy 1 and numpy 2 write them) and refuses every ot
 - the authors' ``infos_<id>.pkl`` (``aoanet.convert.load_reference_infos``);
 - checkpoints of earlier versions of this project (``model.pdparams``, ``model-best.pdparams``,
   ``optimizer.pdopt``), which ``paddle.save`` pickled (:func:`load_paddle_state`). Current checkpoints hold no
-  pickle at all (safetensors and JSON, ``aoanet.train.checkpoint``).
+  pickle at all (safetensors and JSON, ``aoanet.train.checkpoint``);
+- PyTorch weight files without PyTorch (``aoanet.vision.torch_file``), with the globals of a state dict and its
+  storages' persistent ids served by that module's own functions.
 
 ``paddle.save`` (Paddle 2.x and 3.x) stores a state dict as a dict of numpy arrays (plus a name table), and a
 tensor met anywhere else as ``(tuple, ((name, array),))`` or, for a DenseTensor/LoDTensor,
@@ -99,12 +101,14 @@ _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 class RestrictedUnpickler(pickle.Unpickler):
     """Builds plain data only: every global outside a short allow-list is refused with its name.
 
-    ``what`` names the file in the messages ("the infos pickle"); ``extra`` allows more globals."""
+    ``what`` names the file in the messages ("the infos pickle"); ``extra`` allows more globals;
+    ``persistent_load`` resolves persistent ids (refused when None)."""
 
-    def __init__(self, file, what: str = "the pickle", extra: dict | None = None, **kwargs):
+    def __init__(self, file, what: str = "the pickle", extra: dict | None = None, persistent_load=None, **kwargs):
         super().__init__(file, **kwargs)
         self._allowed = {**_allowed_globals(), **(extra or {})}
         self._what = what
+        self._persistent = persistent_load
 
     def find_class(self, module, name):
         module = _PY2_MODULES.get(module, module)
@@ -116,7 +120,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(f"refusing persistent id {pid!r} in {self._what}")
+        if self._persistent is None:
+            raise UnsafePickleError(f"refusing persistent id {pid!r} in {self._what}")
+        return self._persistent(pid)
 
 
 def restricted_loads(data: bytes, what: str = "the infos pickle", extra: dict | None = None):

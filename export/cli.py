@@ -1,5 +1,5 @@
 """``aoanet-export --checkpoint DIR --out EXPORT_DIR [--which best|last] [--opset 17] [--force] [--int8]
-[--no-fold-embedding]``."""
+[--no-fold-embedding] [--extractor DIR]``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import warnings
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -33,6 +34,11 @@ def export_command(
     int8: bool = typer.Option(
         False, "--int8", help="also write int8 (dynamically quantized) graphs: faster and smaller, lossy"
     ),
+    extractor: Optional[Path] = typer.Option(
+        None,
+        "--extractor",
+        help="image extractor dir to serve the model with (default: the one its training features came from)",
+    ),
     fold_embedding: bool = typer.Option(
         True,
         "--fold-embedding/--no-fold-embedding",
@@ -48,21 +54,24 @@ def export_command(
     from aoanet_export import ExportError
 
     report_errors("aoanet-export", ExportError, ValueError)(_export)(checkpoint, out, which, opset, force, int8,
-                                                                    fold_embedding)
+                                                                    fold_embedding, extractor)
 
 
-def _export(checkpoint, out, which, opset, force, int8, fold_embedding) -> None:
+def _export(checkpoint, out, which, opset, force, int8, fold_embedding, extractor=None) -> None:
     from aoanet_export import export_checkpoint
 
     check_output_dir(out)  # before the work, not after it
     manifest = export_checkpoint(
-        checkpoint, out, opset=opset, which=which.value, force=force, int8=int8, fold_embedding=fold_embedding
+        checkpoint, out, opset=opset, which=which.value, force=force, int8=int8, fold_embedding=fold_embedding,
+        extractor=extractor,
     )
     figures = manifest["parity"]["max_abs_diff"]
     typer.echo(
         f"wrote {out} (opset {manifest['opset']}); max |diff| of log-probs: "
         + json.dumps({name: figures[name]["logprobs"] for name in figures})
     )
+    if "extractor" in manifest:
+        typer.echo(f"with the image extractor {manifest['extractor']['backbone']} (captions image files)")
     if "int8" in manifest:
         q = manifest["int8"]
         typer.echo(

@@ -3,8 +3,10 @@ registers under the entry-point group ``aoanet_runtime.backends``. The training 
 dynamic graph, ``aoanet.infer_backend``), so the runtime never names it.
 
 A backend has ``width`` (feature width), ``ix_to_word``, ``streams`` and ``decode(att_feats, att_masks, beam_size,
-max_length, **options) -> DecodeResult`` over one padded batch, and may have ``memory_model``
-(``aoanet_runtime.features.MemoryModel``: batches are then bounded in memory).
+max_length, **options) -> DecodeResult`` over one padded batch, may have ``memory_model``
+(``aoanet_runtime.features.MemoryModel``: batches are then bounded in memory), and has ``image_extractor()`` -> the
+``aoanet_runtime.extractor.Extractor`` its model was trained with (``aoanet-infer --images``), raising BackendError
+when it has none.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class OnnxBackend:
         self.ix_to_word = self.captioner.ix_to_word
         self.memory_model = self.captioner.memory_model
         self.decode = self.captioner.decode
+
+    def image_extractor(self):
+        from aoanet_runtime.exportdir import ExportDirError
+
+        try:
+            return self.captioner.extractor
+        except ExportDirError as e:
+            raise BackendError(str(e)) from None
 
 
 def registered() -> dict:

@@ -27,6 +27,8 @@ from aoanet_runtime.contract import (
     CANDIDATE_OUTPUTS,
     DECODER_OUTPUTS,
     ENCODER_MEMORY_OUTPUTS,
+    EXTRACTOR,
+    EXTRACTOR_SPEC,
     HEAD_INPUTS,
     MANIFEST,
     MEMORY,
@@ -126,6 +128,9 @@ class Captioner:
         self.export_dir: Path | None = None
         self.precision = "fp32"
         self.streams = 1  # batches decoded at once by caption(), each on its own thread (see from_dir)
+        self._extractor = None
+        self._threads: int | None = None
+        self._verify = True
 
     @classmethod
     def from_dir(
@@ -188,11 +193,67 @@ class Captioner:
         captioner.export_dir = export_dir
         captioner.precision = precision
         captioner.streams = streams
+        captioner._threads, captioner._verify = threads, verify
         return captioner
 
     @property
     def providers(self) -> list[str]:
         return self.decoder.get_providers()
+
+    # -------------------------------------------------------------------------------------- images
+    @property
+    def has_extractor(self) -> bool:
+        """Was the model exported with an image extractor (so that it captions pictures)?"""
+        return EXTRACTOR in self.manifest.get("files", {})
+
+    def no_extractor_message(self) -> str:
+        return (
+            f"{self.export_dir or 'this model'} was exported without an image extractor: it captions region "
+            f"features of width {self.att_feat_size} (att_feat_size), e.g. bottom-up features (aoanet-data bu) "
+            "given with --features; to caption pictures, train on features of an image extractor "
+            "(aoanet-data extract) and export that checkpoint (docs/images.md)"
+        )
+
+    @property
+    def extractor(self):
+        """The export's image extractor (``aoanet_runtime.extractor.Extractor``), loaded on first use."""
+        if self._extractor is None:
+            from aoanet_runtime.extractor import Extractor, ExtractorError
+
+            if not self.has_extractor or self.export_dir is None:
+                raise ExportDirError(self.no_extractor_message())
+            graph = read_model(self.export_dir, self.manifest, EXTRACTOR, self._verify)
+            spec = read_model(self.export_dir, self.manifest, EXTRACTOR_SPEC, self._verify)
+            try:
+                extractor = Extractor.from_bytes(
+                    graph, spec, str(self.export_dir / EXTRACTOR), providers=self.providers, threads=self._threads
+                )
+            except ExtractorError as e:
+                raise ExportDirError(str(e)) from None
+            if extractor.spec.feature_width != self.att_feat_size:
+                raise ExportDirError(
+                    f"{self.export_dir / EXTRACTOR_SPEC}: the extractor gives {extractor.spec.feature_width}-d "
+                    f"features, the model reads {self.att_feat_size}-d"
+                )
+            self._extractor = extractor
+        return self._extractor
+
+    def caption_images(
+        self,
+        images: Sequence,
+        beam_size: int = 3,
+        max_length: int = 20,
+        batch_size: int = 50,
+        extract_batch_size: int = 16,
+        **options,
+    ) -> Captions:
+        """Caption pictures: paths, ``PIL.Image``s or uint8 arrays (H, W) / (H, W, 3|4). Each is decoded and
+        pre-processed as the export's extractor spec says, run through ``extractor.onnx``, and its grid captioned
+        as ``caption`` does (``options`` are caption's). Raises ExportDirError when the model has no extractor,
+        ``aoanet_runtime.images.ImageError`` naming the first bad picture."""
+        feats = self.extractor.features(images, batch_size=extract_batch_size)
+        return self.caption([f.att for f in feats], beam_size=beam_size, max_length=max_length,
+                            batch_size=batch_size, **options)
 
     # -------------------------------------------------------------------------------------- inputs
     def _check_array(self, feats: np.ndarray, what: str) -> None:

@@ -1,6 +1,7 @@
-"""``aoanet-infer``: caption a split (or a folder of feature files) into a COCO results JSON.
+"""``aoanet-infer``: caption a split (or a folder of feature files, or pictures) into a COCO results JSON.
 
     aoanet-infer --backend onnx --model EXPORT_DIR --features DATA_DIR [--split test] --out captions.json
+    aoanet-infer --backend onnx --model EXPORT_DIR --images DIR|LIST.txt|FILE... --out captions.json
     aoanet-infer --backend onnx --precision int8 --model EXPORT_DIR ...   (an export made with --int8)
     aoanet-infer --backend paddle --checkpoint CKPT_DIR --features DATA_DIR [--split test] --out captions.json
 
@@ -30,6 +31,7 @@ from aoanet_runtime.beam import NonFiniteError, length_penalty_fn
 from aoanet_runtime.captioner import in_streams
 from aoanet_runtime.cliutil import EPILOG, check_output_dir, check_output_file, command_args, report_errors
 from aoanet_runtime.exportdir import ExportDirError
+from aoanet_runtime.extractor import ExtractorError
 from aoanet_runtime.features import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_REGIONS,
@@ -43,6 +45,7 @@ from aoanet_runtime.features import (
     read_features,
     region_count,
 )
+from aoanet_runtime.images import ImageError, ImageRef, list_image_files, probe
 from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
 
 app = typer.Typer(add_completion=False, help="Caption images from their region features (AoANet).")
@@ -133,6 +136,82 @@ def caption_images(
     return [{"image_id": img.image_id, "caption": cap} for img, cap in zip(images, captions, strict=True)]
 
 
+def caption_pictures(
+    backend,
+    extractor,
+    images: list[ImageRef],
+    beam_size: int,
+    max_length: int,
+    batch_size: int,
+    options: dict,
+    remove_bad_endings: bool = False,
+    progress: bool = True,
+    timings: dict | None = None,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+) -> list[dict]:
+    """COCO results (plus ``file_name``) for picture files. Every file's header is checked first (one error lists
+    every bad file); pictures are grouped by input size (the grid's cell count) into batches; a batch's pictures
+    are decoded and pre-processed on a thread while the previous batch is extracted and decoded. ``timings``
+    (when given) receives the seconds spent in each stage: load (decode + pre-process, on the thread), extract,
+    caption."""
+    spec = extractor.spec
+    bad, cells = [], []
+    for ref in images:
+        try:
+            w, h = probe(ref.path, extractor.max_pixels, spec.min_side)
+        except ImageError as e:
+            bad.append(str(e))
+            continue
+        rows, cols = spec.grid(*spec.input_size(w, h))
+        cells.append(rows * cols)
+    if bad:
+        raise ImageError(f"{len(bad)} of {len(images)} picture(s) cannot be used:\n  " + "\n  ".join(bad))
+    try:
+        plan = batch_plan(cells, batch_size, getattr(backend, "memory_model", None), max_batch_bytes)
+    except BatchMemoryError as e:
+        raise ImageError(f"{images[e.position].path}: {str(e).split(': ', 1)[1]}") from None
+    seqs = np.zeros((len(images), max_length), dtype=np.int64)
+    spent = {"load": 0.0, "extract": 0.0, "caption": 0.0}
+
+    def load(pos):
+        t = time.perf_counter()
+        loaded = [extractor.load(images[i].path) for i in pos]
+        spent["load"] += time.perf_counter() - t
+        return loaded
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images), unit="img", desc="captioning", file=sys.stderr)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, plan[0])
+            for i, pos in enumerate(plan):
+                loaded = pending.result()
+                if i + 1 < len(plan):
+                    pending = pool.submit(load, plan[i + 1])
+                t = time.perf_counter()
+                feats = extractor.features_of(loaded)
+                t2 = time.perf_counter()
+                att_feats, att_masks = pad_batch([f.att for f in feats])
+                seqs[pos] = backend.decode(att_feats, att_masks, beam_size, max_length, **options).seqs
+                spent["extract"] += t2 - t
+                spent["caption"] += time.perf_counter() - t2
+                if bar is not None:
+                    bar.update(len(pos))
+    finally:
+        if bar is not None:
+            bar.close()
+    if timings is not None:
+        timings.update(spent)
+    captions = decode_sequence(backend.ix_to_word, seqs, remove_bad_endings=remove_bad_endings)
+    return [
+        {"image_id": img.image_id, "caption": cap, "file_name": str(img.path)}
+        for img, cap in zip(images, captions, strict=True)
+    ]
+
+
 def _num_images(value: int) -> int:
     if value < -1:
         raise typer.BadParameter(f"{value}: give a number of images >= 0, or -1 for all")
@@ -144,6 +223,17 @@ def infer(
     out: Path = typer.Option(..., "--out", help="COCO results JSON to write: [{image_id, caption}]"),
     features: Optional[Path] = typer.Option(
         None, "--features", help="data dir (cocotalk.json + cocobu_att/) or a folder of <id>.npz / <id>.npy"
+    ),
+    images: Optional[list[Path]] = typer.Option(
+        None,
+        "--images",
+        help="pictures instead of features: a directory, a .txt list or files (needs a model with an extractor)",
+    ),
+    coco_ids: bool = typer.Option(
+        False, "--coco-ids", help="--images: ids are the number ending the file name (COCO_val2014_000000391895)"
+    ),
+    extractor: Optional[Path] = typer.Option(
+        None, "--extractor", help="--images with --backend paddle: the extractor dir (default: the checkpoint's)"
     ),
     backend: str = typer.Option(
         "onnx", "--backend", help="onnx (onnxruntime), or paddle (the checkpoint in Paddle; the training package)"
@@ -189,22 +279,28 @@ def infer(
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="--ray: captioning actors (default: CPUs)"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="--ray: images per output shard"),
 ) -> None:
-    """Caption the images of a split; prints the throughput (images/s) at the end."""
-    run = report_errors("aoanet-infer", InferError, BackendError, FeatureError, ExportDirError, ValueError)(_infer)
+    """Caption the images of a split, or pictures; prints the throughput (images/s) at the end."""
+    run = report_errors("aoanet-infer", InferError, BackendError, FeatureError, ExportDirError, ImageError,
+                        ExtractorError, ValueError)(_infer)
     run(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
         batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
-        max_regions, max_batch_mb, progress, ray, address, actors, shard_size)
+        max_regions, max_batch_mb, progress, images, coco_ids, extractor, ray, address, actors, shard_size)
 
 
 def _infer(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
            batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
-           max_regions, max_batch_mb, progress, ray, address, actors, shard_size) -> None:
+           max_regions, max_batch_mb, progress, pictures=None, coco_ids=False, extractor=None, ray=False,
+           address=None, actors=None, shard_size=None) -> None:
     if ray:  # --out is a directory of shards
         check_output_dir(out)
     else:
         check_output_file(out)  # before the work, not after it
-    if features is None and input_json is None and att_dir is None:
-        raise InferError("give --features DATA_DIR (or --input-json and --att-dir)")
+    if pictures and (features is not None or input_json is not None or att_dir is not None):
+        raise InferError("give either --images or --features, not both")
+    if not pictures and features is None and input_json is None and att_dir is None:
+        raise InferError("give --features DATA_DIR (or --input-json and --att-dir), or --images")
+    if extractor is not None and (backend == "onnx" or not pictures):
+        raise InferError("--extractor is for --images with --backend paddle (an export serves its own extractor)")
     if backend != "onnx" and precision is not Precision.fp32:
         raise InferError(
             f"--precision {precision.value} is for --backend onnx (the quantized graphs of an export dir); "
@@ -214,12 +310,15 @@ def _infer(out, features, backend, precision, model, checkpoint, which, split, i
         raise InferError(f"--streams is for --backend onnx; --backend {backend} decodes one batch at a time")
     length_penalty_fn(length_penalty)  # a bad spec fails here, not after the model is loaded
     has_json = input_json is not None or (features is not None and (features / INPUT_JSON).is_file())
-    if split is not None and not has_json:
+    if split is not None and not has_json and not pictures:
         raise InferError(
             f"--split {split} selects images of a cocotalk.json; {features or att_dir} is a plain folder of feature "
             "files, captioned whole (leave --split out, or give --input-json)"
         )
-    images = list_images(features, split or "test", input_json=input_json, att_dir=att_dir)
+    if pictures:
+        images = list_image_files(pictures, coco_ids=coco_ids)
+    else:
+        images = list_images(features, split or "test", input_json=input_json, att_dir=att_dir)
     if num_images >= 0:
         images = images[:num_images]
     if not images:
@@ -233,23 +332,31 @@ def _infer(out, features, backend, precision, model, checkpoint, which, split, i
                         length_penalty=length_penalty, block_trigrams=block_trigrams,
                         remove_bad_endings=remove_bad_endings, max_regions=max_regions,
                         max_batch_bytes=max_batch_mb * 2**20)
-        return _infer_with_ray(out, images, model, precision.value, address, actors, shard_size, progress, decoding)
+        return _infer_with_ray(out, images, model, precision.value, address, actors, shard_size, progress, decoding,
+                               pictures=bool(pictures))
     if backend == "onnx":
         if model is None:
             raise InferError("--backend onnx needs --model EXPORT_DIR")
         engine = load_backend("onnx", model=model, threads=threads, precision=precision.value, streams=streams)
     else:
-        engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads)
+        extra = {"extractor": extractor} if extractor is not None else {}
+        engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads, **extra)
     options: dict = {"block_trigrams": block_trigrams}
     if remove_bad_endings:
         options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
     if length_penalty:
         options["length_penalty"] = length_penalty
     start = time.perf_counter()
-    results = caption_images(
-        engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress, max_regions,
-        max_batch_mb * 2**20,
-    )
+    if pictures:
+        results = caption_pictures(
+            engine, engine.image_extractor(), images, beam_size, max_length, batch_size, options,
+            remove_bad_endings, progress, max_batch_bytes=max_batch_mb * 2**20,
+        )
+    else:
+        results = caption_images(
+            engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress, max_regions,
+            max_batch_mb * 2**20,
+        )
     seconds = time.perf_counter() - start
     write_json_atomic(out, results)
     typer.echo(

@@ -12,6 +12,10 @@ An export directory holds ``manifest.json`` and two ONNX graphs per precision:
   ``topk`` best words, ties to the lower id). Rows are image-major with the same number per image (the beams), and
   the memory has one row per image (I = B / beams) or one per row (I = B).
 
+and, when the model was trained on features of an image extractor, that extractor: ``extractor.onnx`` (``images
+[B, 3, H, W]`` -> ``att_feats [B, N, F]``, optionally ``fc_feats [B, F]``) and its spec ``extractor.json``
+(``aoanet_runtime.extractor``), so that the export captions image files.
+
 docs/export-format.md describes every field and what each format version changed.
 """
 
@@ -22,16 +26,29 @@ from dataclasses import dataclass
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
 
+# 5: the manifest may list an image extractor (``extractor.onnx`` + ``extractor.json``, hashed in ``files``, described
+#    in its ``extractor`` section); a reader of 4 would silently ignore it.
 # 4: ``topk`` is a required decoder input (3 gave it a default through an initializer, which onnxruntime warns
 #    about), and the graphs carry no unused constants.
 # 3: the decoder has the candidate head. 2: the decoder takes the memory in head layout, a row per image.
-FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
 
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
 # The graphs of each precision; the int8 ones are optional in an export (aoanet-export --int8).
 MODEL_FILES = {"fp32": (ENCODER, DECODER), "int8": ("encoder.int8.onnx", "decoder.int8.onnx")}
 PRECISIONS = tuple(MODEL_FILES)
+
+# The image extractor (optional in an export; also the unit ``aoanet-data extractor`` writes and ``aoanet-data
+# extract`` reads): one graph and its spec, side by side.
+EXTRACTOR, EXTRACTOR_SPEC = "extractor.onnx", "extractor.json"
+EXTRACTOR_FILES = (EXTRACTOR, EXTRACTOR_SPEC)
+EXTRACTOR_SPEC_VERSION = 1
+EXTRACTOR_INPUT = "images"
+EXTRACTOR_OUTPUTS = ("att_feats",)
+EXTRACTOR_OPTIONAL_OUTPUTS = ("fc_feats",)
+# The extractor's symbolic dimensions (the grid's cell count N follows from H and W).
+HEIGHT, WIDTH, CELLS = "height", "width", "cells"
 
 # Symbolic dimensions.
 BATCH, REGIONS, IMAGES, TOPK = "batch", "regions", "images", "k"

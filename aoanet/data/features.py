@@ -33,16 +33,19 @@ def feature_dirs(out_dir: str | os.PathLike) -> tuple[Path, Path, Path]:
     return out / ATT_DIR, out / FC_DIR, out / BOX_DIR
 
 
-def write_image_features(att_dir, fc_dir, box_dir, image_id: int, att: np.ndarray, boxes: np.ndarray) -> None:
-    """Write the three files of one image, each atomically; the fc vector is the mean of the regions, as in
-    the reference's make_bu_data."""
+def write_image_features(
+    att_dir, fc_dir, box_dir, image_id: int, att: np.ndarray, boxes: np.ndarray, fc: np.ndarray | None = None
+) -> None:
+    """Write the three files of one image, each atomically; the fc vector is ``fc`` or, by default, the mean of
+    the regions, as in the reference's make_bu_data. The box file is written last: an image whose three files
+    exist is complete."""
     att = np.ascontiguousarray(att, dtype=np.float32)
     with atomic_path(att_path(att_dir, image_id)) as tmp:
         # A file object, because np.savez appends ".npz" to a path that does not end with it.
         with open(tmp, "wb") as f:
             np.savez_compressed(f, feat=att)
     with atomic_path(npy_path(fc_dir, image_id)) as tmp, open(tmp, "wb") as f:
-        np.save(f, att.mean(axis=0))
+        np.save(f, att.mean(axis=0) if fc is None else np.asarray(fc, dtype=np.float32))
     with atomic_path(npy_path(box_dir, image_id)) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(boxes, dtype=np.float32))
 

@@ -3,9 +3,10 @@
 It writes ``DIR/dataset_coco.json`` (Karpathy layout: ``images[i]`` with ``imgid``, ``cocoid``, ``filepath``,
 ``filename``, ``split``, ``sentences`` [{``tokens``, ``raw``, ``imgid``, ``sentid``}], ``sentids``, plus a
 ``scene`` summary that the pipeline ignores) and ``DIR/cocobu_att|cocobu_fc|cocobu_box``, so that prepro,
-ngrams, check, the loader, training and evaluation run on it unchanged. What an image shows is described in
-:mod:`aoanet.data.synth_world`, how it is captioned in :mod:`aoanet.data.synth_grammar`, its region features
-in :mod:`aoanet.data.synth_features`.
+ngrams, check, the loader, training and evaluation run on it unchanged; or, with ``render``, the scenes as
+pictures, ``DIR/images/<cocoid>.jpg`` (:mod:`aoanet.vision.render`), whose features an image extractor makes
+(``aoanet-data extract``). What an image shows is described in :mod:`aoanet.data.synth_world`, how it is
+captioned in :mod:`aoanet.data.synth_grammar`, its region features in :mod:`aoanet.data.synth_features`.
 
 Default size, chosen so the demo can train a small AoANet (rnn_size 128-256) on a 2-core CPU in about five
 minutes and still see every class and colour hundreds of times:
@@ -46,6 +47,8 @@ from aoanet.data.synth_grammar import caption, raw_sentence
 from aoanet.data.synth_world import sample_scene
 
 DEFAULT_IMAGES, DEFAULT_SEED, DEFAULT_FEAT_DIM = 4000, 123, 128
+IMAGE_DIR = "images"  # the rendered pictures (``render``), named <cocoid>.jpg
+JPEG_QUALITY = 90
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -74,9 +77,14 @@ def make_synth(
     images: int = DEFAULT_IMAGES,
     seed: int = DEFAULT_SEED,
     feat_dim: int = DEFAULT_FEAT_DIM,
+    render: bool = False,
 ) -> dict:
     """Generate the dataset into ``out_dir``; returns a summary (counts, sizes) for printing. The arguments are
-    checked before anything is created."""
+    checked before anything is created.
+
+    ``render``: draw each scene as a picture, ``DIR/images/<cocoid>.jpg`` (``aoanet.vision.render``), instead of
+    writing region features: the features then come from an image extractor (``aoanet-data extract``). The
+    captions and splits are the same either way."""
     if seed < 0:
         raise DataError(f"--seed must be >= 0, got {seed}")
     if feat_dim < 1:
@@ -90,8 +98,14 @@ def make_synth(
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory")
     att_dir, fc_dir, box_dir = feature_dirs(out)
-    for d in (att_dir, fc_dir, box_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    if render:
+        from aoanet.data.atomic import atomic_path
+        from aoanet.vision.render import RENDER_SCALE, render_scene
+
+        (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    else:
+        for d in (att_dir, fc_dir, box_dir):
+            d.mkdir(parents=True, exist_ok=True)
     splits = _splits(images, seed)
     entries, n_regions, lengths = [], [], []
     for i in tqdm(range(images), desc="synth images", unit="img"):
@@ -110,34 +124,50 @@ def make_synth(
                     "sentid": i * CAPTIONS_PER_IMAGE + j,
                 }
             )
-        feats, boxes = space.regions(scene, rng)
-        n_regions.append(len(feats))
-        pixels = boxes * np.array([scene.width, scene.height] * 2)
-        write_image_features(att_dir, fc_dir, box_dir, cocoid, feats, pixels)
+        width, height = scene.width, scene.height
+        if render:
+            picture = render_scene(scene, np.random.default_rng([seed, i, 1]), RENDER_SCALE)
+            width, height = picture.size
+            with atomic_path(out / IMAGE_DIR / f"{cocoid}.jpg") as tmp, open(tmp, "wb") as f:
+                picture.save(f, format="JPEG", quality=JPEG_QUALITY)
+        else:
+            feats, boxes = space.regions(scene, rng)
+            n_regions.append(len(feats))
+            pixels = boxes * np.array([scene.width, scene.height] * 2)
+            write_image_features(att_dir, fc_dir, box_dir, cocoid, feats, pixels)
         entries.append(
             {
-                "filepath": "synth",
-                "filename": f"synth_{cocoid:012d}.jpg",
+                "filepath": IMAGE_DIR,
+                "filename": f"{cocoid}.jpg",
                 "imgid": i,
                 "cocoid": cocoid,
                 "split": splits[i],
                 "sentids": [s["sentid"] for s in sentences],
                 "sentences": sentences,
-                "width": scene.width,
-                "height": scene.height,
+                "width": width,
+                "height": height,
                 "scene": scene.describe(),
             }
         )
-    write_json(out / "dataset_coco.json", {"dataset": "synth", "seed": seed, "feat_dim": feat_dim, "images": entries})
+    meta = {"dataset": "synth", "seed": seed}
+    meta.update({"rendered": True} if render else {"feat_dim": feat_dim})
+    write_json(out / "dataset_coco.json", {**meta, "images": entries})
     words = {t for e in entries for s in e["sentences"] for t in s["tokens"]}
+    regions = (
+        {"images_dir": str(out / IMAGE_DIR)}
+        if render
+        else {
+            "feat_dim": feat_dim,
+            "regions_min": int(min(n_regions)),
+            "regions_mean": float(np.mean(n_regions)),
+            "regions_max": int(max(n_regions)),
+        }
+    )
     return {
         "images": images,
         "splits": split_sizes(images),
-        "feat_dim": feat_dim,
         "seed": seed,
-        "regions_min": int(min(n_regions)),
-        "regions_mean": float(np.mean(n_regions)),
-        "regions_max": int(max(n_regions)),
+        **regions,
         "distinct_words": len(words),
         "caption_length_mean": float(np.mean(lengths)),
         "caption_length_max": int(max(lengths)),

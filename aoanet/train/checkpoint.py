@@ -5,7 +5,8 @@ Layout (docs/robustness.md)::
 
     checkpoint.json          the manifest: which save is current, and the path, size and sha256 of each of its files
     save-00000020/           one directory per save, written completely, then renamed into place
-        model.json           format tag, vocab_size, model options, ix_to_word   (enough to rebuild the model)
+        model.json           format tag, vocab_size, model options, ix_to_word   (enough to rebuild the model), and
+                             ``extractor`` when the features came from an image extractor (aoanet.vision.extract)
         config.yml           the resolved training config
         state.json           training state: epoch, iteration, loader position, RNG states, best score, history
         model.safetensors    weights of this save
@@ -130,21 +131,26 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_meta(model: AoAModel, ix_to_word: dict) -> dict:
-    return {
+def model_meta(model: AoAModel, ix_to_word: dict, extractor: dict | None = None) -> dict:
+    """``extractor``: the record of the image extractor the training features came from (its spec, the sha256 of
+    its files, where it was), which aoanet-export serves the model with."""
+    meta = {
         "format": FORMAT,
         "vocab_size": model.vocab_size,
         "options": model.options.to_dict(),
         "ix_to_word": {str(k): v for k, v in ix_to_word.items()},
     }
+    if extractor is not None:
+        meta["extractor"] = extractor
+    return meta
 
 
-def model_json_bytes(model: AoAModel, ix_to_word: dict) -> bytes:
-    return json.dumps(model_meta(model, ix_to_word), indent=1).encode("utf-8")
+def model_json_bytes(model: AoAModel, ix_to_word: dict, extractor: dict | None = None) -> bytes:
+    return json.dumps(model_meta(model, ix_to_word, extractor), indent=1).encode("utf-8")
 
 
-def write_model_json(directory: Path, model: AoAModel, ix_to_word: dict) -> None:
-    atomic_write_bytes(Path(directory) / "model.json", model_json_bytes(model, ix_to_word))
+def write_model_json(directory: Path, model: AoAModel, ix_to_word: dict, extractor: dict | None = None) -> None:
+    atomic_write_bytes(Path(directory) / "model.json", model_json_bytes(model, ix_to_word, extractor))
 
 
 def parse_model_json(data: bytes, source: str) -> dict:
@@ -590,10 +596,11 @@ def prepare_new_run(directory, overwrite: bool = False) -> None:
 
 
 def save_model_dir(directory, model: AoAModel, ix_to_word: dict, config_text: str | None = None,
-                   extra: dict[str, bytes] | None = None) -> dict:
-    """Write a checkpoint that holds a model only (no training state): model.json, weights (best = last),
-    config.yml when given, and ``extra`` files (name -> bytes). For converted models, benchmarks and tests."""
-    files = {"model": model_json_bytes(model, ix_to_word), "weights_last": weights_bytes(model)}
+                   extra: dict[str, bytes] | None = None, extractor: dict | None = None) -> dict:
+    """Write a checkpoint that holds a model only (no training state): model.json (with ``extractor``, see
+    model_meta), weights (best = last), config.yml when given, and ``extra`` files (name -> bytes). For converted
+    models, benchmarks and tests."""
+    files = {"model": model_json_bytes(model, ix_to_word, extractor), "weights_last": weights_bytes(model)}
     if config_text is not None:
         files["config"] = config_text.encode("utf-8")
     files.update(extra or {})

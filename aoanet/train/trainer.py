@@ -41,6 +41,7 @@ from aoanet.train.distributed import (
     warn_reshard,
 )
 from aoanet.train.losses import language_model_loss, reward_loss, reward_mask
+from aoanet.vision.extract import extractor_record
 
 STATE_FORMAT = "aoanet-train-state/1"
 
@@ -142,6 +143,8 @@ class Trainer:
         self.data = CaptionData(d.input_json, d.input_label_h5, d.input_att_dir,
                                 att_feat_size=self.model_width(cfg), seq_per_img=d.seq_per_img)
         self.model = AoAModel(self.data.vocab_size, cfg.model_options())
+        # The image extractor the features came from (None for bottom-up or generated features), kept in model.json.
+        self.extractor = extractor_record(d.input_att_dir, self.model_width(cfg))
         clip = (paddle.nn.ClipGradByValue(cfg.train.grad_clip) if cfg.train.grad_clip_mode == "value"
                 else paddle.nn.ClipGradByGlobalNorm(cfg.train.grad_clip))
         self.optimizer = paddle.optimizer.Adam(
@@ -268,7 +271,7 @@ class Trainer:
         """One save, as a set (aoanet.train.checkpoint): until its manifest replaces the previous one, the previous
         save is the checkpoint."""
         files = {
-            "model": ckpt.model_json_bytes(self.model, self.data.vocab),
+            "model": ckpt.model_json_bytes(self.model, self.data.vocab, extractor=self.extractor),
             "config": dump_config(self.cfg).encode("utf-8"),
             "weights_last": ckpt.weights_bytes(self.model),
             "optimizer": ckpt.optimizer_bytes(ckpt.portable_optimizer_state(self.model, self.optimizer)),
