@@ -366,9 +366,11 @@ def _infer(out, features, backend, precision, model, checkpoint, which, split, i
 
 
 def _infer_with_ray(out: Path, images, model: Path, precision: str, address, actors, shard_size, progress,
-                    decoding: dict) -> None:
+                    decoding: dict, pictures: bool = False) -> None:
     from aoanet_runtime import ray_infer
-    from aoanet_runtime.exportdir import load_manifest
+    from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_SPEC
+    from aoanet_runtime.exportdir import load_manifest, read_model
+    from aoanet_runtime.images import DEFAULT_MAX_PIXELS
     from aoanet_runtime.serve import model_id
 
     try:
@@ -378,12 +380,20 @@ def _infer_with_ray(out: Path, images, model: Path, precision: str, address, act
         raise InferError("--ray needs Ray: pip install 'aoanet[runtime,serve]'") from None
     manifest = load_manifest(model)
     width = int(manifest["sizes"]["att_feat_size"])
-    settings = {"model": model_id(model), "precision": precision, "decoding": decoding}
+    spec = ""
+    if pictures:
+        if EXTRACTOR not in manifest["files"]:
+            raise InferError(f"{model} was exported without an image extractor: it captions region features "
+                             f"(--features), not pictures")
+        spec = read_model(model, manifest, EXTRACTOR_SPEC).decode("utf-8")  # checked against its sha256
+    settings = {"model": model_id(model), "precision": precision, "decoding": decoding, "inputs":
+                "pictures" if pictures else "features"}
     job = ray_infer.Job(out, images, shard_size or ray_infer.default_shard_size(len(images)), settings)
     start = time.perf_counter()
     try:
         results, computed = ray_infer.run(job, model, width, precision=precision, decoding=decoding, actors=actors,
-                                          address=address, progress=progress)
+                                          address=address, progress=progress, extractor_spec=spec,
+                                          max_pixels=DEFAULT_MAX_PIXELS)
     except ray_infer.RayJobError as e:
         raise InferError(str(e)) from None
     seconds = time.perf_counter() - start

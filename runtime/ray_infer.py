@@ -113,52 +113,95 @@ class Job:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline stages
-def load_shard(row: dict) -> dict:
-    """CPU task: read and check one shard's feature files; the arrays travel padded, with their lengths. A bad
-    file does not fail the task: its message travels with the shard (``error``), so that the job reports every
-    bad file in one line each, keeps the good shards, and never shows Ray's wrapped remote tracebacks."""
-    from aoanet_runtime.features import FeatureError, pad_batch, read_features, region_count
+def _pack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays of one rank but various shapes -> (one flat float32 array, their shapes): a form every Ray Data
+    block format carries as it is."""
+    if not arrays:
+        return np.zeros(0, np.float32), np.zeros((0, 0), np.int64)
+    flat = np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays])
+    return flat, np.asarray([a.shape for a in arrays], np.int64)
 
-    images = [ImageFile(image_id, Path(path)) for image_id, path in zip(row["ids"], row["paths"], strict=True)]
-    feats, errors = [], []
-    for image in images:
+
+def _unpack(flat: np.ndarray, shapes: np.ndarray) -> list[np.ndarray]:
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[start : start + size].reshape([int(d) for d in shape]))
+        start += size
+    return out
+
+
+def load_shard(row: dict) -> dict:
+    """CPU task: read one shard's inputs. Feature files: header (shape, region limit) then the array, checked.
+    Pictures: decoded and pre-processed as the extractor's spec says (``extractor`` holds the spec's JSON), so
+    that the actors only run the graphs. A bad file does not fail the task: its message travels with the shard
+    (``error``), so that the job reports every bad file in one line each, keeps the good shards, and never shows
+    Ray's wrapped remote tracebacks."""
+    from aoanet_runtime.extractor import ExtractorSpec, load_picture
+    from aoanet_runtime.features import FeatureError, read_features, region_count
+    from aoanet_runtime.images import ImageError
+
+    pictures = bool(row["extractor"])
+    spec = ExtractorSpec.from_json(json.loads(row["extractor"])) if pictures else None
+    arrays, sizes, errors = [], [], []
+    for image_id, path in zip(row["ids"], row["paths"], strict=True):
         try:
-            region_count(image, int(row["width"]), row["max_regions"])  # the header first: bounded work
-            feats.append(read_features(image, int(row["width"])))
-        except FeatureError as e:
+            if pictures:
+                pixels, size = load_picture(path, spec, int(row["max_pixels"]))
+                arrays.append(pixels)
+                sizes.append(size)
+            else:
+                image = ImageFile(image_id, Path(path))
+                region_count(image, int(row["width"]), row["max_regions"])  # the header first: bounded work
+                arrays.append(read_features(image, int(row["width"])))
+        except (FeatureError, ImageError) as e:
             errors.append(str(e))
     if errors:
-        return {"shard": row["shard"], "feats": np.zeros((0, 0, 0), np.float32), "lengths": np.zeros(0, np.int64),
-                "ids": row["ids"], "error": "\n".join(errors)}
-    padded, masks = pad_batch(feats)
-    return {"shard": row["shard"], "feats": padded, "lengths": masks.sum(axis=1).astype(np.int64),
-            "ids": row["ids"], "error": ""}
+        arrays, sizes = [], []
+    flat, shapes = _pack(arrays)
+    return {"shard": row["shard"], "data": flat, "shapes": shapes, "sizes": np.asarray(sizes, np.int64).reshape(-1, 2),
+            "ids": row["ids"], "paths": row["paths"], "error": "\n".join(errors)}
 
 
 class ShardCaptioner:
     """Actor: one Captioner, captions whole shards and writes each one's JSONL atomically."""
 
-    def __init__(self, export_dir: str, precision: str, threads: int, out_dir: str, count: int, decoding: dict):
+    def __init__(self, export_dir: str, precision: str, threads: int, out_dir: str, count: int, decoding: dict,
+                 pictures: bool):
         from aoanet_runtime.captioner import Captioner
 
         self.captioner = Captioner.from_dir(export_dir, precision=precision, threads=threads)
-        self.out_dir, self.count, self.decoding = Path(out_dir), count, decoding
+        self.out_dir, self.count, self.decoding, self.pictures = Path(out_dir), count, decoding, pictures
+
+    def _features(self, arrays: list[np.ndarray], sizes: np.ndarray) -> list[np.ndarray]:
+        if not self.pictures:
+            return arrays
+        # The extractor on chunks of the decoder's batch size (its activations are what bounds the memory).
+        step = int(self.decoding.get("batch_size", 50))
+        feats = []
+        for start in range(0, len(arrays), step):
+            loaded = [(x, (int(w), int(h))) for x, (w, h) in zip(arrays[start : start + step],
+                                                                 sizes[start : start + step], strict=True)]
+            feats += [f.att for f in self.captioner.extractor.features_of(loaded)]
+        return feats
 
     def __call__(self, batch: dict) -> dict:
         done = []
-        for shard, feats, lengths, ids, error in zip(batch["shard"], batch["feats"], batch["lengths"], batch["ids"],
-                                                     batch["error"], strict=True):
-            if error:
-                done.append(int(shard))
-                continue
-            arrays = [feats[i, : int(n)] for i, n in enumerate(lengths)]
-            captions = self.captioner.caption(arrays, **self.decoding).captions
-            lines = "".join(
-                json.dumps({"image_id": _plain(i), "caption": c}, ensure_ascii=False) + "\n"
-                for i, c in zip(ids, captions, strict=True)
-            )
-            atomic.write_text(self.out_dir / shard_name(int(shard), self.count), lines)
+        for shard, flat, shapes, sizes, ids, paths, error in zip(
+            batch["shard"], batch["data"], batch["shapes"], batch["sizes"], batch["ids"], batch["paths"],
+            batch["error"], strict=True,
+        ):
             done.append(int(shard))
+            if error:
+                continue
+            feats = self._features(_unpack(flat, shapes), sizes)
+            captions = self.captioner.caption(feats, **self.decoding).captions
+            rows = [{"image_id": _plain(i), "caption": c} for i, c in zip(ids, captions, strict=True)]
+            if self.pictures:  # as aoanet-infer --images writes them
+                for r, path in zip(rows, paths, strict=True):
+                    r["file_name"] = str(path)
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            atomic.write_text(self.out_dir / shard_name(int(shard), self.count), lines)
         return {"shard": np.asarray(done, np.int64), "images": np.asarray([len(i) for i in batch["ids"]], np.int64),
                 "error": batch["error"]}
 
@@ -170,8 +213,10 @@ def _plain(value):
 
 # ---------------------------------------------------------------------------------------------- the job
 def run(job: Job, export_dir: Path, width: int, *, precision: str, decoding: dict, actors: int | None = None,
-        address: str | None = None, progress: bool = True) -> tuple[list[dict], int]:
-    """Caption the job's missing shards on Ray; returns (merged results, number of shards computed)."""
+        address: str | None = None, progress: bool = True, extractor_spec: str = "",
+        max_pixels: int | None = None) -> tuple[list[dict], int]:
+    """Caption the job's missing shards on Ray; returns (merged results, number of shards computed).
+    ``extractor_spec``: the export's extractor.json text when the job's files are pictures."""
     pending = job.prepare()
     count = len(job.shards)
     if pending:
@@ -183,7 +228,8 @@ def run(job: Job, export_dir: Path, width: int, *, precision: str, decoding: dic
         if started_here:
             start_ray(address)
         try:
-            errors = _run_pipeline(job, pending, count, export_dir, width, precision, decoding, actors, progress)
+            errors = _run_pipeline(job, pending, count, export_dir, width, precision, decoding, actors, progress,
+                                   extractor_spec, max_pixels)
         finally:
             if started_here:
                 ray.shutdown()
@@ -195,7 +241,8 @@ def run(job: Job, export_dir: Path, width: int, *, precision: str, decoding: dic
     return job.merge(), len(pending)
 
 
-def _run_pipeline(job, pending, count, export_dir, width, precision, decoding, actors, progress) -> list[str]:
+def _run_pipeline(job, pending, count, export_dir, width, precision, decoding, actors, progress, extractor_spec,
+                  max_pixels) -> list[str]:
     """Run the pipeline over the pending shards; returns the messages of the files that could not be read."""
     import ray
     import ray.data
@@ -220,6 +267,8 @@ def _run_pipeline(job, pending, count, export_dir, width, precision, decoding, a
             "paths": [str(image.path) for image in job.shards[i]],
             "width": width,
             "max_regions": decoding.get("max_regions"),
+            "extractor": extractor_spec,
+            "max_pixels": max_pixels or 0,
         }
         for i in pending
     ]
@@ -238,6 +287,7 @@ def _run_pipeline(job, pending, count, export_dir, width, precision, decoding, a
             "out_dir": str(job.out_dir.resolve()),
             "count": count,
             "decoding": decoding,
+            "pictures": bool(extractor_spec),
         },
     )
     bar = None

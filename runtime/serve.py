@@ -66,7 +66,7 @@ class RequestError(ValueError):
 @dataclass
 class CaptionInput:
     kind: str  # "features" or "image"
-    data: object  # float32 (K, F) array, or bytes of an image file
+    data: object  # float32 (K, F) array; for an image, its bytes, then (``prepare``) its pre-processed pixels
     beam_size: int
 
 
@@ -160,11 +160,25 @@ class CaptionService:
         self.model_id = model_id(self.export_dir)
         self.default_beam = int(self.captioner.manifest.get("decoding", {}).get("beam_size", 2))
         self.default_beam = min(max(self.default_beam, 1), self.limits.max_beam_size)
-        self.takes_images = bool(getattr(self.captioner, "has_extractor", False))
+        self.takes_images = self.captioner.has_extractor
+        if self.takes_images:
+            self.captioner.extractor.max_pixels = self.limits.max_image_pixels
 
     def parse(self, body: bytes, content_type: str, query: dict) -> CaptionInput:
-        return parse_request(body, content_type, query, self.captioner.att_feat_size, self.limits,
+        """The request's input, checked; an image is also decoded and pre-processed here, per request, so that a
+        bad picture fails alone and before it joins a batch (its pixel count is checked from its header)."""
+        from aoanet_runtime.images import ImageError, ImageTooLargeError
+
+        item = parse_request(body, content_type, query, self.captioner.att_feat_size, self.limits,
                              self.default_beam, self.takes_images)
+        if item.kind == "image":
+            try:
+                item.data = self.captioner.extractor.load(item.data, name="the request's image")
+            except ImageTooLargeError as e:
+                raise RequestError(str(e), 413) from None
+            except ImageError as e:
+                raise RequestError(str(e), 400) from None
+        return item
 
     def caption_batch(self, inputs: list[CaptionInput]) -> list[dict]:
         """Caption a batch of requests: one call per beam size (and kind) covers all its requests. A failure of
@@ -190,8 +204,9 @@ class CaptionService:
         return results
 
     def _caption(self, kind: str, data: list, beam_size: int, batch_size: int) -> list[dict]:
-        caption = self.captioner.caption_images if kind == "image" else self.captioner.caption
-        out = caption(data, beam_size=beam_size, max_regions=self.limits.max_regions)
+        if kind == "image":  # pre-processed pixels: one extractor run for the batch's pictures
+            data = [f.att for f in self.captioner.extractor.features_of(data)]
+        out = self.captioner.caption(data, beam_size=beam_size, max_regions=self.limits.max_regions)
         return [self._answer(c, s, batch_size) for c, s in zip(out.captions, out.scores, strict=True)]
 
     def _answer(self, caption: str, score: float, batch_size: int) -> dict:
@@ -256,8 +271,8 @@ def deployment(max_batch_size: int = 32, batch_wait_ms: float = 10.0, replicas: 
                         raise RequestError(f"the request body has {declared} bytes; at most "
                                            f"{self.service.limits.max_request_bytes}", 413)
                     body = await _read_bounded(request, self.service.limits.max_request_bytes)
-                    item = self.service.parse(body, request.headers.get("content-type", ""),
-                                              dict(request.query_params))
+                    item = await asyncio.to_thread(self.service.parse, body, request.headers.get("content-type", ""),
+                                                   dict(request.query_params))
                     result = await self.batched(item)
                     if "error" in result:
                         return JSONResponse({"error": result["error"]}, status_code=result.get("status", 400))

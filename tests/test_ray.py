@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from test_images import _huge_png, make_spec, picture, pool_graph
 from test_runtime import F, make_checkpoint
 
 from aoanet_export import export_checkpoint
 from aoanet_runtime import cli as infer_cli
 from aoanet_runtime import ray_infer, serve
+from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_SPEC
 
 N_REQUESTS, CONCURRENCY = 64, 16
 TIMEOUT_S = 3.0  # the service's request timeout (the tests' requests take milliseconds)
@@ -27,10 +29,26 @@ TIMEOUT_S = 3.0  # the service's request timeout (the tests' requests take milli
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
+    """The test model with a hand-built image extractor of its feature width (tests/test_images.py), so that it
+    captions feature files and pictures."""
     root = tmp_path_factory.mktemp("ray-export")
+    extractor = root / "extractor"
+    extractor.mkdir()
+    (extractor / EXTRACTOR).write_bytes(pool_graph(width=F))
+    (extractor / EXTRACTOR_SPEC).write_text(json.dumps(make_spec(feature_width=F)))
     out = root / "export"
-    export_checkpoint(make_checkpoint(root / "ckpt"), out)
+    export_checkpoint(make_checkpoint(root / "ckpt"), out, extractor=extractor)
     return out
+
+
+@pytest.fixture(scope="module")
+def picture_folder(tmp_path_factory) -> Path:
+    """24 pictures of various sizes, JPEG and PNG."""
+    folder = tmp_path_factory.mktemp("ray-pics")
+    for i in range(24):
+        size = (40 + 7 * i, 30 + 5 * (i % 5))
+        picture(i, size).save(folder / f"{100 + i}.{'png' if i % 3 else 'jpg'}")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +62,11 @@ def feature_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def offline_captions(export_dir: Path, folder: Path, out: Path, capsys, beam_size: int = 2) -> dict:
+def offline_captions(export_dir: Path, folder: Path, out: Path, capsys, beam_size: int = 2,
+                     pictures: bool = False) -> dict:
     with pytest.raises(SystemExit) as exc:
-        infer_cli.main(["--model", str(export_dir), "--features", str(folder), "--out", str(out), "--beam-size",
-                        str(beam_size), "--no-progress"])
+        infer_cli.main(["--model", str(export_dir), "--images" if pictures else "--features", str(folder), "--out",
+                        str(out), "--beam-size", str(beam_size), "--no-progress"])
     assert not exc.value.code, capsys.readouterr().err
     return {r["image_id"]: r["caption"] for r in json.loads(out.read_text())}
 
@@ -138,7 +157,8 @@ def test_service_multipart_upload(service, feature_folder, export_dir):
     "body, query, status, message",
     [
         (b"", "", 400, "empty body"),
-        (b"this is not an image", "", 415, "region features"),
+        (b"this is not an image", "", 400, "not an image file"),
+        (b"\xff\xd8\xff\xe0 a truncated JPEG", "", 400, "the request's image"),
         (b"\x93NUMPY garbage", "", 400, "not a valid .npy"),
         (npy_bytes(np.ones((3, F + 1), np.float32)), "", 400, f"shape (regions, {F})"),
         (npy_bytes(np.ones((51, F), np.float32)), "", 413, "1..50 are accepted"),
@@ -169,6 +189,32 @@ def test_a_bad_input_in_a_batch_fails_alone(service, feature_folder):
     assert max(answer["batch_size"] for _, answer in answers[1:]) > 1
     alone = [request(f"{service}/v1/captions?beam_size=2", b)[1]["caption"] for b in bodies[1:]]
     assert [answer["caption"] for _, answer in answers[1:]] == alone
+
+
+def test_service_captions_pictures_as_offline(service, export_dir, picture_folder, tmp_path, capsys):
+    """Picture files posted concurrently get the captions `aoanet-infer --images` gives for the same files."""
+    want = offline_captions(export_dir, picture_folder, tmp_path / "offline.json", capsys, pictures=True)
+    files = sorted(picture_folder.iterdir())
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: request(f"{service}/v1/captions?beam_size=2", p.read_bytes()), files))
+    assert all(status == 200 for status, _ in answers), answers[:2]
+    assert {int(p.stem): a["caption"] for p, (_, a) in zip(files, answers, strict=True)} == want
+    assert max(a["batch_size"] for _, a in answers) > 1
+    status, described = request(f"{service}/v1/model")
+    assert described["inputs"] == ["features", "image"]
+
+
+def test_service_refuses_a_huge_picture_from_its_header(service, tmp_path):
+    body = _huge_png(tmp_path / "huge.png", 20000, 20000).read_bytes()
+    assert len(body) < 1000
+    status, answer = request(f"{service}/v1/captions", body)
+    assert status == 413 and "too large" in answer["error"]
+
+
+def test_a_model_without_extractor_refuses_pictures():
+    with pytest.raises(serve.RequestError, match="captions region features") as e:
+        serve.parse_request(b"\x89PNG...", "image/png", {}, F, serve.Limits(), 2, takes_images=False)
+    assert e.value.status == 415
 
 
 def test_service_unknown_route_and_method(service):
@@ -248,6 +294,18 @@ def test_ray_job_equals_offline_and_resumes_by_shard(local_ray, export_dir, feat
     with pytest.raises(SystemExit) as exc:
         infer_cli.main(job_args(2))
     assert exc.value.code == 1 and "holds the shards of another job" in capsys.readouterr().err
+
+
+def test_ray_job_on_pictures_equals_offline(local_ray, export_dir, picture_folder, tmp_path, capsys):
+    offline_captions(export_dir, picture_folder, tmp_path / "offline.json", capsys, pictures=True)
+    want = json.loads((tmp_path / "offline.json").read_text())
+    out = tmp_path / "job"
+    with pytest.raises(SystemExit) as exc:
+        infer_cli.main(["--model", str(export_dir), "--images", str(picture_folder), "--out", str(out),
+                        "--beam-size", "2", "--ray", "--shard-size", "10", "--no-progress"])
+    assert not exc.value.code, capsys.readouterr().err
+    assert "3 of 3 shards computed now" in capsys.readouterr().out
+    assert json.loads((out / "captions.json").read_text()) == want  # file names included
 
 
 def test_ray_job_names_a_bad_feature_file(local_ray, export_dir, tmp_path, capsys):
