@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-regions", type=int, default=Limits.max_regions)
     parser.add_argument("--max-beam-size", type=int, default=Limits.max_beam_size)
     parser.add_argument("--request-timeout-s", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime threads per replica (default: the CPUs reserved for it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
                      "max_beam_size"):
             if getattr(args, name) < 1:
                 raise RequestError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.threads is not None and args.threads < 1:
+            raise RequestError("--threads must be >= 1")
         if args.batch_wait_ms < 0 or args.request_timeout_s <= 0:
             raise RequestError("--batch-wait-ms must be >= 0 and --request-timeout-s > 0")
         from aoanet_runtime.exportdir import load_manifest
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
              args.model, args.host, args.port)
     run_service(args.model, precision=args.precision, replicas=args.replicas, host=args.host, port=args.port,
                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, address=args.address,
-                limits=limits, request_timeout_s=args.request_timeout_s)
+                limits=limits, request_timeout_s=args.request_timeout_s, threads=args.threads)
 
 
 if __name__ == "__main__":
