@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= runtime,paddle,train,export,vision,dev
+EXTRAS ?= runtime,paddle,train,export,vision,serve,dev
 
 .PHONY: env test lint demo bench clean
 

@@ -32,7 +32,14 @@ from aoanet_runtime.attention import AttentionWriter
 from aoanet_runtime.backends import BackendError, load_backend
 from aoanet_runtime.beam import NonFiniteError, length_penalty_fn
 from aoanet_runtime.captioner import in_streams
-from aoanet_runtime.cliutil import EPILOG, check_output_file, check_output_folder, command_args, report_errors
+from aoanet_runtime.cliutil import (
+    EPILOG,
+    check_output_dir,
+    check_output_file,
+    check_output_folder,
+    command_args,
+    report_errors,
+)
 from aoanet_runtime.exportdir import ExportDirError
 from aoanet_runtime.extractor import ExtractorError
 from aoanet_runtime.features import (
@@ -321,6 +328,12 @@ def infer(
         help="estimated working memory per batch: images with many regions go in smaller batches",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ray: bool = typer.Option(
+        False, "--ray", help="run as a Ray Data job: --out is then a directory of JSONL shards + captions.json"
+    ),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: an existing Ray cluster (default: local)"),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="--ray: captioning actors (default: CPUs)"),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="--ray: images per output shard"),
     attention: Optional[Path] = typer.Option(
         None, "--attention", help="also write DIR/<id>.png (where the model looked at each word) and DIR/<id>.json "
         "(the weights) per image",
@@ -331,15 +344,21 @@ def infer(
                         ExtractorError, ValueError)(_infer)
     run(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
         batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
-        max_regions, max_batch_mb, progress, images, coco_ids, extractor, attention)
+        max_regions, max_batch_mb, progress, images, coco_ids, extractor, ray, address, actors, shard_size,
+        attention)
 
 
 def _infer(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
            batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
-           max_regions, max_batch_mb, progress, pictures=None, coco_ids=False, extractor=None,
-           attention=None) -> None:
-    check_output_file(out)  # before the work, not after it
+           max_regions, max_batch_mb, progress, pictures=None, coco_ids=False, extractor=None, ray=False,
+           address=None, actors=None, shard_size=None, attention=None) -> None:
+    if ray:  # --out is a directory of shards
+        check_output_dir(out)
+    else:
+        check_output_file(out)  # before the work, not after it
     if attention is not None:
+        if ray:
+            raise InferError("--attention draws in one process: leave out --ray")
         check_output_folder(attention, "--attention")
     if pictures and (features is not None or input_json is not None or att_dir is not None):
         raise InferError("give either --images or --features, not both")
@@ -369,6 +388,17 @@ def _infer(out, features, backend, precision, model, checkpoint, which, split, i
         images = images[:num_images]
     if not images:
         raise InferError("no images to caption")
+    if ray:
+        if backend != "onnx" or model is None:
+            raise InferError("--ray runs the onnx backend: give --model EXPORT_DIR")
+        if streams != 1:
+            raise InferError("--streams is for one process; with --ray, --actors sets the parallelism")
+        decoding = dict(beam_size=beam_size, max_length=max_length, batch_size=batch_size,
+                        length_penalty=length_penalty, block_trigrams=block_trigrams,
+                        remove_bad_endings=remove_bad_endings, max_regions=max_regions,
+                        max_batch_bytes=max_batch_mb * 2**20)
+        return _infer_with_ray(out, images, model, precision.value, address, actors, shard_size, progress, decoding,
+                               pictures=bool(pictures))
     if backend == "onnx":
         if model is None:
             raise InferError("--backend onnx needs --model EXPORT_DIR")
@@ -411,6 +441,45 @@ def _infer(out, features, backend, precision, model, checkpoint, which, split, i
     )
     if writer is not None:
         typer.echo(f"wrote the attention of {writer.written} image(s) to {attention} (<id>.png, <id>.json)")
+
+
+def _infer_with_ray(out: Path, images, model: Path, precision: str, address, actors, shard_size, progress,
+                    decoding: dict, pictures: bool = False) -> None:
+    from aoanet_runtime import ray_infer
+    from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_SPEC
+    from aoanet_runtime.exportdir import load_manifest, read_model
+    from aoanet_runtime.images import DEFAULT_MAX_PIXELS
+    from aoanet_runtime.serve import model_id
+
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise InferError("--ray needs Ray: pip install 'aoanet[runtime,serve]'") from None
+    manifest = load_manifest(model)
+    width = int(manifest["sizes"]["att_feat_size"])
+    spec = ""
+    if pictures:
+        if EXTRACTOR not in manifest["files"]:
+            raise InferError(f"{model} was exported without an image extractor: it captions region features "
+                             f"(--features), not pictures")
+        spec = read_model(model, manifest, EXTRACTOR_SPEC).decode("utf-8")  # checked against its sha256
+    settings = {"model": model_id(model), "precision": precision, "decoding": decoding, "inputs":
+                "pictures" if pictures else "features"}
+    job = ray_infer.Job(out, images, shard_size or ray_infer.default_shard_size(len(images)), settings)
+    start = time.perf_counter()
+    try:
+        results, computed = ray_infer.run(job, model, width, precision=precision, decoding=decoding, actors=actors,
+                                          address=address, progress=progress, extractor_spec=spec,
+                                          max_pixels=DEFAULT_MAX_PIXELS)
+    except ray_infer.RayJobError as e:
+        raise InferError(str(e)) from None
+    seconds = time.perf_counter() - start
+    write_json_atomic(out / ray_infer.MERGED, results)
+    typer.echo(
+        f"wrote {len(results)} captions to {out / ray_infer.MERGED} ({computed} of {len(job.shards)} shards "
+        f"computed now, the others kept from an earlier run; {seconds:.1f} s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

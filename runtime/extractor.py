@@ -199,6 +199,15 @@ class ImageFeatures:
     grid: tuple[int, int] | None = None
 
 
+def load_picture(source, spec: ExtractorSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 name: str | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode and pre-process one picture as ``spec`` says (no session needed: what a loading task runs) ->
+    (float32 [3, H, W], (width, height) as decoded)."""
+    img = load_rgb(source, max_pixels, spec.min_side, name=name)
+    size = spec.input_size(*img.size)
+    return preprocess(img, size, spec.resize_filter, spec.mean, spec.std), img.size
+
+
 class Extractor:
     """An extractor session and its spec; ``features(images)`` runs pictures through both."""
 
@@ -306,10 +315,9 @@ class Extractor:
         return att, fc
 
     def load(self, source, name: str | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-        """One picture (path, PIL image or uint8 array) -> (pre-processed [3, H, W], (width, height) decoded)."""
-        img = load_rgb(source, self.max_pixels, self.spec.min_side, name=name)
-        size = self.spec.input_size(*img.size)
-        return preprocess(img, size, self.spec.resize_filter, self.spec.mean, self.spec.std), img.size
+        """One picture (path, bytes, PIL image or uint8 array) -> (pre-processed [3, H, W], (width, height)
+        decoded)."""
+        return load_picture(source, self.spec, self.max_pixels, name)
 
     def features_of(self, loaded: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> list[ImageFeatures]:
         """Run pre-processed pictures (``load``'s results), batching those of one input size together."""

@@ -15,6 +15,7 @@ Every failure is an ``ImageError`` whose message starts with the file's path.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -55,6 +56,10 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 
 class ImageError(ValueError):
     """An image that cannot be used: not an image, truncated, empty, too large (the message names the file)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image refused from its header for its size (more pixels than allowed)."""
 
 
 @dataclass(frozen=True)
@@ -130,17 +135,22 @@ def _open(path: Path):
         raise ImageError(f"{path}: cannot read it ({e})") from None
     if size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
+    return _open_stream(path, path)
+
+
+def _open_stream(source, where) -> Image.Image:
+    """Pillow's lazy open (the header only) of a path or a file object; errors name ``where``."""
     try:
         with warnings.catch_warnings():
             # The size limit below is ours; Pillow's warning for large images would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(source)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: image too large to decode ({e})") from None
+        raise ImageTooLargeError(f"{where}: image too large to decode ({e})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read (JPEG, PNG, BMP, GIF, WebP, TIFF ...)") from None
+        raise ImageError(f"{where}: not an image file Pillow can read (JPEG, PNG, BMP, GIF, WebP, TIFF ...)") from None
     except _DECODE_ERRORS as e:
-        raise ImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from None
+        raise ImageError(f"{where}: cannot read the image header ({type(e).__name__}: {e})") from None
 
 
 def _orientation(img) -> int:
@@ -176,7 +186,7 @@ def _check_pixels(path: Path, fmt, w: int, h: int, max_pixels: int, min_size: in
         raise ImageError(f"{path}: image of size {w}x{h}")
     dw, dh = _scaled_by_draft(fmt, w, h, min_size)
     if dw * dh > max_pixels:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{path}: image of {w}x{h} pixels is too large (at most {max_pixels:,} decoded pixels; "
             f"{fmt or 'this format'} cannot be decoded at a reduced scale) - downscale it first"
         )
@@ -210,7 +220,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_rgb(
     source, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1, name: str | None = None
 ) -> Image.Image:
-    """An RGB ``PIL.Image`` from a path, a ``PIL.Image`` or a uint8 array (H, W) or (H, W, 3|4).
+    """An RGB ``PIL.Image`` from a path, the bytes of an image file, a ``PIL.Image`` or a uint8 array (H, W) or
+    (H, W, 3|4).
 
     ``min_size``: the smallest side the caller will resize to; a JPEG is decoded at the coarsest scale (1/2, 1/4,
     1/8) that keeps both sides at least this large. Raises ImageError naming the file (or ``name``)."""
@@ -218,22 +229,34 @@ def load_rgb(
         return _to_rgb(ImageOps.exif_transpose(source) or source)
     if isinstance(source, np.ndarray):
         return _from_array(source, name or "array")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        where = name or "image bytes"
+        if not len(source):
+            raise ImageError(f"{where}: empty (0 bytes)")
+        with _open_stream(io.BytesIO(source), where) as img:
+            return _decode(img, where, max_pixels, min_size)
     path = Path(source)
     with _open(path) as img:
-        _check_pixels(path, img.format, *img.size, max_pixels, min_size)
-        try:
-            if img.format == "JPEG":
-                w, h = _scaled_by_draft("JPEG", *img.size, min_size)
-                img.draft("RGB", (w, h))
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
-        except ImageError:
-            raise
-        except MemoryError:
-            raise ImageError(f"{path}: out of memory while decoding the image") from None
-        except _DECODE_ERRORS as e:
-            raise ImageError(f"{path}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
+        return _decode(img, path, max_pixels, min_size)
+
+
+def _decode(img: Image.Image, where, max_pixels: int, min_size: int) -> Image.Image:
+    """Decode an opened image after checking its size from the header (JPEGs at a reduced scale when that is
+    enough), EXIF orientation applied, as RGB."""
+    _check_pixels(where, img.format, *img.size, max_pixels, min_size)
+    try:
+        if img.format == "JPEG":
+            w, h = _scaled_by_draft("JPEG", *img.size, min_size)
+            img.draft("RGB", (w, h))
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"{where}: out of memory while decoding the image") from None
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"{where}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:
