@@ -383,6 +383,9 @@ def test_infer_attention_errors_come_before_the_work(export_dir, data_dir, tmp_p
             assert code == 1 and "--attention" in err and "cannot be written" in err and not out.exists()
         finally:
             locked.chmod(0o700)
+    # the Ray job has no attention pictures
+    code, err = run_cli([*common, "--ray", "--attention", str(tmp_path / "att")], capsys)
+    assert code == 1 and "--attention draws in one process" in err and not out.exists()
     # a malformed box file is named, before any captioning
     bad = tmp_path / "bad"
     shutil.copytree(data_dir, bad)
