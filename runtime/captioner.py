@@ -76,7 +76,8 @@ class Captions:
         regions when it chose each token (a list input: the image's own regions; a padded array: all N, 0 on
         padding); the mean over heads is what ``aoanet_runtime.attention.draw_attention`` draws.
     and from ``caption_images`` also boxes (per image float32 [cells, 4], the extractor's cells in the picture's
-    pixels, x1 y1 x2 y2), grids ((rows, columns) per image) and sizes ((width, height) of each picture as decoded).
+    pixels, x1 y1 x2 y2), grids ((rows, columns) per image) and sizes ((width, height) of each picture: a file's own
+    size, even when a JPEG was decoded at a reduced scale).
     """
 
     captions: list[str]
