@@ -29,6 +29,7 @@ bench: env
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_infer.py
 	$(PY) scripts/bench_extract.py
+	$(PY) scripts/bench_attention.py
 
 clean:
 	rm -rf artifacts/demo artifacts/tmp

@@ -42,6 +42,7 @@ class PaddleBackend:
         self.width = o.att_feat_size
         self.memory_model = MemoryModel(o.att_feat_size, o.rnn_size, o.num_heads)
         self.streams = 1
+        self.has_attention = True  # AoAModel.decode(return_attention=True)
         self.checkpoint, self.threads = Path(checkpoint), threads
         self.extractor_record = read_model_json(checkpoint).get("extractor")
         self.extractor_dir = extractor

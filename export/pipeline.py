@@ -18,7 +18,7 @@ from aoanet_export import manifest as manifest_mod
 from aoanet_export import quantize
 from aoanet_export.errors import ExportError, ParityError
 from aoanet_export.onnx_convert import check_opset, convert, import_paddle2onnx
-from aoanet_export.parity import LOGPROB_TOLERANCE, describe, run_parity, summary
+from aoanet_export.parity import ATTENTION_TOLERANCE, LOGPROB_TOLERANCE, describe, run_parity, summary
 from aoanet_export.static import save_static
 from aoanet_runtime.contract import EXTRACTOR_FILES, EXTRACTOR_SPEC, MANIFEST, PARITY, graph_specs
 
@@ -105,7 +105,7 @@ def export_checkpoint(
         if not report["passed"]:
             raise ParityError(
                 f"the exported graphs do not reproduce the model: max |log-prob difference| above "
-                f"{tolerance:g} ({describe(report)})",
+                f"{tolerance:g} or max |attention difference| above {ATTENTION_TOLERANCE:g} ({describe(report)})",
                 report,
             )
 

@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from aoanet_runtime.beam import Candidates, DecodeResult, NonFiniteError, is_greedy, search
 from aoanet_runtime.contract import (
+    ATTENTION_OUTPUT,
     CANDIDATE_OUTPUTS,
     DECODER_OUTPUTS,
     ENCODER_MEMORY_OUTPUTS,
@@ -50,10 +51,11 @@ from aoanet_runtime.sessions import (
     choose_providers,
     default_threads,
     has_input,
+    has_output,
     notify_slow_int8,
     session_options,
 )
-from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
+from aoanet_runtime.vocab import bad_ending_ids, caption_tokens, decode_sequence
 
 __all__ = ["Captioner", "Captions", "ExportDirError", "FeatureError", "NonFiniteError", "load_manifest"]
 
@@ -67,12 +69,26 @@ class Captions:
     captions: the words up to the first EOS (``aoanet_runtime.vocab.decode_sequence``).
     scores: float64 [B], the search's score (see ``aoanet_runtime.beam.DecodeResult``).
     seqs: int64 [B, max_length]; logprobs: float32 [B, max_length], the raw log-prob of each chosen token.
+
+    With ``return_attention=True`` (docs/attention.md):
+    tokens: each caption's tokens (vocabulary words; as the caption, bad endings removed when asked);
+    attention: per image float32 [len(tokens), heads, regions], the decoder's attention weights over the image's
+        regions when it chose each token (a list input: the image's own regions; a padded array: all N, 0 on
+        padding); the mean over heads is what ``aoanet_runtime.attention.draw_attention`` draws.
+    and from ``caption_images`` also boxes (per image float32 [cells, 4], the extractor's cells in the picture's
+    pixels, x1 y1 x2 y2), grids ((rows, columns) per image) and sizes ((width, height) of each picture: a file's own
+    size, even when a JPEG was decoded at a reduced scale).
     """
 
     captions: list[str]
     scores: np.ndarray
     seqs: np.ndarray
     logprobs: np.ndarray
+    tokens: list[list[str]] | None = None
+    attention: list[np.ndarray] | None = None
+    boxes: list[np.ndarray] | None = None
+    grids: list[tuple[int, int]] | None = None
+    sizes: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -122,6 +138,8 @@ class Captioner:
         # The decoder's candidate head (exports of format >= 3): the search fetches each row's best words instead
         # of the [rows, V+1] log-probs when no constraint needs the other values.
         self.has_candidate_head = all(has_input(decoder, name) for name in HEAD_INPUTS)
+        # The decoder's attention weights (exports of format >= 6), fetched only when a caller asks for them.
+        self.has_attention = has_output(decoder, ATTENTION_OUTPUT)
         if device_memory is None:
             device_memory = CUDA in decoder.get_providers() if hasattr(decoder, "get_providers") else False
         self.device_memory = bool(device_memory)
@@ -200,6 +218,14 @@ class Captioner:
     def providers(self) -> list[str]:
         return self.decoder.get_providers()
 
+    def no_attention_message(self) -> str:
+        version = self.manifest.get("format_version")
+        return (
+            f"{self.export_dir or 'this model'} was exported without the decoder's attention weights (export format "
+            f"{version}; they are an output from format 6 on): re-export the checkpoint with this version's "
+            "aoanet-export to get them"
+        )
+
     # -------------------------------------------------------------------------------------- images
     @property
     def has_extractor(self) -> bool:
@@ -245,15 +271,34 @@ class Captioner:
         max_length: int = 20,
         batch_size: int = 50,
         extract_batch_size: int = 16,
+        return_attention: bool = False,
         **options,
     ) -> Captions:
         """Caption pictures: paths, ``PIL.Image``s or uint8 arrays (H, W) / (H, W, 3|4). Each is decoded and
         pre-processed as the export's extractor spec says, run through ``extractor.onnx``, and its grid captioned
         as ``caption`` does (``options`` are caption's). Raises ExportDirError when the model has no extractor,
-        ``aoanet_runtime.images.ImageError`` naming the first bad picture."""
+        ``aoanet_runtime.images.ImageError`` naming the first bad picture.
+
+        ``return_attention``: also each token's attention over the grid's cells, with the cells' boxes in the
+        picture's pixels (a file's full size, even when a JPEG was decoded at a reduced scale), the pictures' sizes
+        and the grids' shapes (``Captions``): what ``aoanet_runtime.attention.draw_attention`` takes."""
+        if return_attention and not self.has_attention:
+            raise ExportDirError(self.no_attention_message())
         feats = self.extractor.features(images, batch_size=extract_batch_size)
-        return self.caption([f.att for f in feats], beam_size=beam_size, max_length=max_length,
-                            batch_size=batch_size, **options)
+        result = self.caption([f.att for f in feats], beam_size=beam_size, max_length=max_length,
+                              batch_size=batch_size, return_attention=return_attention, **options)
+        if return_attention:
+            from aoanet_runtime.images import probe
+
+            result.boxes, result.sizes = [], []
+            for image, f in zip(images, feats, strict=True):
+                # a JPEG file may have been decoded at a reduced scale: the boxes in the file's own pixels
+                size = probe(image) if isinstance(image, (str, os.PathLike)) else f.size
+                scale = np.array([size[0] / f.size[0], size[1] / f.size[1]] * 2, np.float32)
+                result.boxes.append(f.boxes * scale)
+                result.sizes.append(tuple(size))
+            result.grids = [f.grid for f in feats]
+        return result
 
     # -------------------------------------------------------------------------------------- inputs
     def _check_array(self, feats: np.ndarray, what: str) -> None:
@@ -337,16 +382,21 @@ class Captioner:
             )
         )
 
-    def _run_decoder(self, it, h, c, mean_feats, memory: dict, topk: int | None) -> tuple:
-        """-> (log-probs [rows, V+1], or Candidates of ``topk`` words per row, next h, next c)."""
+    def _run_decoder(self, it, h, c, mean_feats, memory: dict, topk: int | None, attention: bool = False) -> tuple:
+        """-> (log-probs [rows, V+1], or Candidates of ``topk`` words per row, next h, next c, and the attention
+        weights [rows, heads, N] when ``attention``, else None)."""
         feeds = {"it": it, "state_h": h, "state_c": c, "mean_feats": mean_feats}
         feeds.update((name, memory[name]) for name in MEMORY)
         if self.has_candidate_head:  # a required input from format 4 on; its value does not change the log-probs
             feeds["topk"] = np.array([topk or 1], np.int64)
+        # the attention output is copied out of onnxruntime only when it is fetched
+        extra = [ATTENTION_OUTPUT] if attention else []
         if topk is None:
-            return tuple(self._run(list(DECODER_OUTPUTS), feeds))
-        ids, logprobs, h, c = self._run(list(CANDIDATE_OUTPUTS), feeds)
-        return Candidates(ids, logprobs, self.vocab_size + 1), h, c
+            logprobs, h, c, *att = self._run([*DECODER_OUTPUTS, *extra], feeds)
+        else:
+            ids, cand_lp, h, c, *att = self._run([*CANDIDATE_OUTPUTS, *extra], feeds)
+            logprobs = Candidates(ids, cand_lp, self.vocab_size + 1)
+        return logprobs, h, c, (att[0] if attention else None)
 
     def _run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
         """One decoder run. When the memory is OrtValues on the decoder's device (``device_memory``) the run takes
@@ -370,24 +420,24 @@ class Captioner:
             name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0) for name, x in memory.items()
         }
 
-    def _step(self, it: np.ndarray, ctx: dict) -> tuple[np.ndarray, dict]:
+    def _step(self, it: np.ndarray, ctx: dict) -> tuple:
+        """(logprobs, ctx), or (logprobs, ctx, attention) when ``ctx["attention"]`` (the search's step contract)."""
         first = ctx.get("bos")
+        want = ctx.get("attention", False)
         if first is not None:
             # The BOS step of a beam search: the K beams of an image have the same input, state and encoder
             # rows, so one row per image is run and repeated (the search only reads beam 0's row anyway).
             k, mean_feats, memory = first
             zeros = np.zeros((2, mean_feats.shape[0], self.rnn_size), dtype=np.float32)
-            logprobs, h, c = self._run_decoder(it[::k], zeros, zeros, mean_feats, memory, ctx["topk"])
+            logprobs, h, c, att = self._run_decoder(it[::k], zeros, zeros, mean_feats, memory, ctx["topk"], want)
             ctx = {name: v for name, v in ctx.items() if name != "bos"}
             repeat = np.repeat(np.arange(len(logprobs)), k)
             logprobs = logprobs.rows(repeat) if isinstance(logprobs, Candidates) else logprobs[repeat]
-            return logprobs, {
-                **ctx,
-                "h": np.repeat(h, k, axis=1),
-                "c": np.repeat(c, k, axis=1),
-            }
-        logprobs, h, c = self._run_decoder(it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx, ctx["topk"])
-        return logprobs, {**ctx, "h": h, "c": c}
+            ctx = {**ctx, "h": np.repeat(h, k, axis=1), "c": np.repeat(c, k, axis=1)}
+            return (logprobs, ctx, att[repeat]) if want else (logprobs, ctx)
+        logprobs, h, c, att = self._run_decoder(it, ctx["h"], ctx["c"], ctx["mean_feats"], ctx, ctx["topk"], want)
+        ctx = {**ctx, "h": h, "c": c}
+        return (logprobs, ctx, att) if want else (logprobs, ctx)
 
     @staticmethod
     def _reorder(ctx: dict, index: np.ndarray) -> dict:
@@ -407,6 +457,7 @@ class Captioner:
             **memory,
             "rows_per_memory": k,
             "topk": ctx["topk"],
+            "attention": ctx.get("attention", False),
         }
         if host is not None:  # device_memory: the kept rows are sent to the device once, for the next steps
             kept.update(self._to_device(memory), host_memory=memory)
@@ -419,12 +470,17 @@ class Captioner:
         beam_size: int = 3,
         max_length: int = 20,
         greedy_unk: bool = True,
+        return_attention: bool = False,
         **options,
     ) -> DecodeResult:
         """One batch, padded: the onnxruntime twin of ``AoAModel.decode`` (same arguments, same result).
 
-        options: length_penalty, block_trigrams, bad_ending_ids, early_stop, suppress_unk.
+        options: length_penalty, block_trigrams, bad_ending_ids, early_stop, suppress_unk. ``return_attention``:
+        the result's ``attention`` [B, max_length, heads, N] holds each chosen token's attention weights (an export
+        of format 6 or later; ExportDirError otherwise).
         """
+        if return_attention and not self.has_attention:
+            raise ExportDirError(self.no_attention_message())
         att_feats = np.ascontiguousarray(att_feats, dtype=np.float32)
         batch = att_feats.shape[0]
         if att_masks is None:
@@ -441,7 +497,7 @@ class Captioner:
             # The search reads only each row's best words (k + 1 with the UNK penalty; greedy: 1, no penalty).
             unk = None if greedy or not options.get("suppress_unk", True) else self.unk_id
             topk = Candidates.needed(k, unk, self.vocab_size + 1)
-        ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1, "topk": topk}
+        ctx = {"mean_feats": mean_feats, **memory, "rows_per_memory": 1, "topk": topk, "attention": return_attention}
         if k > 1:
             ctx["mean_feats"] = np.repeat(mean_feats, k, axis=0)
             ctx["rows_per_memory"] = k
@@ -462,6 +518,7 @@ class Captioner:
             max_length=max_length,
             greedy_unk=greedy_unk,
             unk_idx=self.unk_id,
+            return_attention=return_attention,
             **options,
         )
 
@@ -482,6 +539,7 @@ class Captioner:
         on_batch: Callable[[int], None] | None = None,
         max_regions: int | None = DEFAULT_MAX_REGIONS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        return_attention: bool = False,
     ) -> Captions:
         """Caption many images: ``att_feats`` is a padded float32 [B, N, F] array (with ``att_masks``
         [B, N], 1 = region, default all ones) or a list of per-image (K_i, F) arrays, which are grouped by
@@ -496,9 +554,16 @@ class Captioner:
         Bounds: an image with more than ``max_regions`` regions is refused (None: no limit), and batches hold no
         more images than fit in ``max_batch_bytes`` of estimated working memory (``aoanet_runtime.features``). An
         image whose features make the decoder's outputs NaN or infinite is a ``NonFiniteError`` naming it.
+
+        ``return_attention``: also each caption's tokens and, per token, the decoder's attention weights over the
+        image's regions, per head (``Captions.tokens``, ``Captions.attention``; docs/attention.md). Captions, scores
+        and speed are those of a call without it (the weights are fetched from the decoder only when asked for).
         """
         if int(beam_size) < 1 or int(max_length) < 1 or int(batch_size) < 1:
             raise ValueError("beam_size, max_length and batch_size must be >= 1")
+        if return_attention and not self.has_attention:
+            raise ExportDirError(self.no_attention_message())
+        padded = isinstance(att_feats, np.ndarray) and att_feats.dtype != object
         n_images, batches = self._prepare(att_feats, att_masks, int(batch_size), max_regions, int(max_batch_bytes))
         seqs = np.zeros((n_images, max_length), dtype=np.int64)
         scores = np.zeros(n_images, dtype=np.float64)
@@ -516,7 +581,8 @@ class Captioner:
         def decode(batch):
             pos, feats, masks = batch
             try:
-                return self.decode(feats, masks, beam_size, max_length, greedy_unk=greedy_unk, **options)
+                return self.decode(feats, masks, beam_size, max_length, greedy_unk=greedy_unk,
+                                   return_attention=return_attention, **options)
             except NonFiniteError as e:
                 images = [int(pos[i]) for i in e.images]
                 biggest = float(np.abs(feats[e.images]).max())
@@ -524,9 +590,18 @@ class Captioner:
                                      f"their features (largest |value| {biggest:.3g}) are out of the range this "
                                      "model handles") from None
 
-        for (pos, _, _), result in zip(batches, in_streams(decode, batches, self.streams), strict=True):
+        tokens: list = [None] * n_images
+        attention: list = [None] * n_images
+        for (pos, _, masks), result in zip(batches, in_streams(decode, batches, self.streams), strict=True):
             seqs[pos], scores[pos], logprobs[pos] = result.seqs, result.scores, result.logprobs
+            if return_attention:
+                for j, i in enumerate(pos):
+                    tokens[i] = caption_tokens(self.ix_to_word, result.seqs[j], remove_bad_endings)
+                    regions = masks.shape[1] if padded else int(masks[j].sum())
+                    attention[i] = np.ascontiguousarray(result.attention[j, : len(tokens[i]), :, :regions])
             if on_batch is not None:
                 on_batch(len(pos))
         captions = decode_sequence(self.ix_to_word, seqs, remove_bad_endings=remove_bad_endings)
-        return Captions(captions, scores, seqs, logprobs)
+        if not return_attention:
+            return Captions(captions, scores, seqs, logprobs)
+        return Captions(captions, scores, seqs, logprobs, tokens=tokens, attention=attention)

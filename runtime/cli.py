@@ -4,6 +4,8 @@
     aoanet-infer --backend onnx --model EXPORT_DIR --images DIR|LIST.txt|FILE... --out captions.json
     aoanet-infer --backend onnx --precision int8 --model EXPORT_DIR ...   (an export made with --int8)
     aoanet-infer --backend paddle --checkpoint CKPT_DIR --features DATA_DIR [--split test] --out captions.json
+    aoanet-infer ... --attention DIR     (also, per image, DIR/<id>.png: where the model looked at each word, and
+                                          DIR/<id>.json: the weights; docs/attention.md)
 
 Every backend lists the images the same way, checks every feature file's header before decoding, decodes the
 same batches (grouped by region count, bounded in memory) through the same search, and writes the same JSON: one
@@ -26,10 +28,18 @@ import numpy as np
 import typer
 
 from aoanet_runtime import atomic
+from aoanet_runtime.attention import AttentionWriter
 from aoanet_runtime.backends import BackendError, load_backend
 from aoanet_runtime.beam import NonFiniteError, length_penalty_fn
 from aoanet_runtime.captioner import in_streams
-from aoanet_runtime.cliutil import EPILOG, check_output_dir, check_output_file, command_args, report_errors
+from aoanet_runtime.cliutil import (
+    EPILOG,
+    check_output_dir,
+    check_output_file,
+    check_output_folder,
+    command_args,
+    report_errors,
+)
 from aoanet_runtime.exportdir import ExportDirError
 from aoanet_runtime.extractor import ExtractorError
 from aoanet_runtime.features import (
@@ -40,13 +50,16 @@ from aoanet_runtime.features import (
     FeatureError,
     ImageFile,
     batch_plan,
+    box_path,
+    check_boxes,
     list_images,
     pad_batch,
+    read_boxes,
     read_features,
     region_count,
 )
 from aoanet_runtime.images import ImageError, ImageRef, list_image_files, probe
-from aoanet_runtime.vocab import bad_ending_ids, decode_sequence
+from aoanet_runtime.vocab import bad_ending_ids, caption_tokens, decode_sequence
 
 app = typer.Typer(add_completion=False, help="Caption images from their region features (AoANet).")
 
@@ -64,6 +77,18 @@ def write_json_atomic(path: Path, obj) -> None:
     atomic.write_json(path, obj, ensure_ascii=False)
 
 
+def notice(message: str) -> None:
+    typer.echo(f"aoanet-infer: notice: {message}", err=True)
+
+
+def _write_attention(writer: AttentionWriter, backend, result, j: int, image_id, regions: int,
+                     remove_bad_endings: bool, **drawing) -> None:
+    """Row ``j`` of a batch's DecodeResult: its tokens' attention over the image's ``regions``, drawn and written."""
+    tokens = caption_tokens(backend.ix_to_word, result.seqs[j], remove_bad_endings)
+    weights = result.attention[j, : len(tokens), :, :regions]
+    writer.write(image_id, " ".join(tokens).replace("@@ ", ""), tokens, weights, **drawing)
+
+
 def caption_images(
     backend,
     images: list[ImageFile],
@@ -75,13 +100,25 @@ def caption_images(
     progress: bool = True,
     max_regions: int | None = DEFAULT_MAX_REGIONS,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    attention: AttentionWriter | None = None,
 ) -> list[dict]:
     """COCO results for ``images`` (listing order). One stream: feature files are read one batch ahead on a
     thread; ``backend.streams`` > 1: that many batches are read and decoded at once
     (``aoanet_runtime.captioner.in_streams``). Batches are bounded by the backend's ``memory_model`` when it has
-    one."""
+    one. ``attention``: each image's attention is drawn and written as its batch is done, over its boxes
+    (``cocobu_box`` beside the features) or, for images without a box file, as a bar chart (with a notice)."""
     # fail fast, before any decoding: every file's header (shape, width, region limit)
     counts = [region_count(img, backend.width, max_regions) for img in images]
+    boxed = [check_boxes(img, n) is not None for img, n in zip(images, counts)] if attention else []
+    if attention is not None and not all(boxed):
+        missing = [img for img, b in zip(images, boxed) if not b]
+        notice(
+            f"{len(missing)} of {len(images)} image(s) have no region boxes (looked for {box_path(missing[0])}"
+            f"{' and the like' if len(missing) > 1 else ''}): their attention is drawn as a bar chart over the "
+            "regions, by index, instead of on boxes"
+        )
+    if attention is not None:
+        options = {**options, "return_attention": True}
     try:
         plan = batch_plan(counts, batch_size, getattr(backend, "memory_model", None), max_batch_bytes)
     except BatchMemoryError as e:
@@ -126,6 +163,11 @@ def caption_images(
     try:
         for pos, result in zip(plan, results, strict=True):
             seqs[pos] = result.seqs
+            if attention is not None:
+                for j, i in enumerate(pos):
+                    boxes = read_boxes(images[i], counts[i]) if boxed[i] else None
+                    _write_attention(attention, backend, result, j, images[i].image_id, counts[i],
+                                     remove_bad_endings, boxes=boxes)
             if bar is not None:
                 bar.update(len(pos))
     finally:
@@ -148,14 +190,15 @@ def caption_pictures(
     progress: bool = True,
     timings: dict | None = None,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    attention: AttentionWriter | None = None,
 ) -> list[dict]:
     """COCO results (plus ``file_name``) for picture files. Every file's header is checked first (one error lists
     every bad file); pictures are grouped by input size (the grid's cell count) into batches; a batch's pictures
     are decoded and pre-processed on a thread while the previous batch is extracted and decoded. ``timings``
     (when given) receives the seconds spent in each stage: load (decode + pre-process, on the thread), extract,
-    caption."""
+    caption. ``attention``: each picture's attention over its grid is drawn and written as its batch is done."""
     spec = extractor.spec
-    bad, cells = [], []
+    bad, cells, sizes = [], [], []
     for ref in images:
         try:
             w, h = probe(ref.path, extractor.max_pixels, spec.min_side)
@@ -164,6 +207,7 @@ def caption_pictures(
             continue
         rows, cols = spec.grid(*spec.input_size(w, h))
         cells.append(rows * cols)
+        sizes.append((w, h))
     if bad:
         raise ImageError(f"{len(bad)} of {len(images)} picture(s) cannot be used:\n  " + "\n  ".join(bad))
     try:
@@ -172,6 +216,8 @@ def caption_pictures(
         raise ImageError(f"{images[e.position].path}: {str(e).split(': ', 1)[1]}") from None
     seqs = np.zeros((len(images), max_length), dtype=np.int64)
     spent = {"load": 0.0, "extract": 0.0, "caption": 0.0}
+    if attention is not None:
+        options = {**options, "return_attention": True}
 
     def load(pos):
         t = time.perf_counter()
@@ -195,9 +241,19 @@ def caption_pictures(
                 feats = extractor.features_of(loaded)
                 t2 = time.perf_counter()
                 att_feats, att_masks = pad_batch([f.att for f in feats])
-                seqs[pos] = backend.decode(att_feats, att_masks, beam_size, max_length, **options).seqs
+                result = backend.decode(att_feats, att_masks, beam_size, max_length, **options)
+                seqs[pos] = result.seqs
+                t3 = time.perf_counter()
                 spent["extract"] += t2 - t
-                spent["caption"] += time.perf_counter() - t2
+                spent["caption"] += t3 - t2
+                if attention is not None:
+                    for j, (i, f) in enumerate(zip(pos, feats)):
+                        # the cells in the pixels of the file (the extractor may have decoded a JPEG smaller)
+                        (w, h), (dw, dh) = sizes[i], f.size
+                        boxes = f.boxes.astype(np.float64) * np.array([w / dw, h / dh, w / dw, h / dh])
+                        _write_attention(attention, backend, result, j, images[i].image_id, len(f.att),
+                                         remove_bad_endings, picture=images[i].path, boxes=boxes, grid=f.grid,
+                                         size=(w, h), file_name=str(images[i].path))
                 if bar is not None:
                     bar.update(len(pos))
     finally:
@@ -278,23 +334,32 @@ def infer(
     address: Optional[str] = typer.Option(None, "--address", help="--ray: an existing Ray cluster (default: local)"),
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="--ray: captioning actors (default: CPUs)"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="--ray: images per output shard"),
+    attention: Optional[Path] = typer.Option(
+        None, "--attention", help="also write DIR/<id>.png (where the model looked at each word) and DIR/<id>.json "
+        "(the weights) per image",
+    ),
 ) -> None:
     """Caption the images of a split, or pictures; prints the throughput (images/s) at the end."""
     run = report_errors("aoanet-infer", InferError, BackendError, FeatureError, ExportDirError, ImageError,
                         ExtractorError, ValueError)(_infer)
     run(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
         batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
-        max_regions, max_batch_mb, progress, images, coco_ids, extractor, ray, address, actors, shard_size)
+        max_regions, max_batch_mb, progress, images, coco_ids, extractor, ray, address, actors, shard_size,
+        attention)
 
 
 def _infer(out, features, backend, precision, model, checkpoint, which, split, input_json, att_dir, beam_size,
            batch_size, max_length, length_penalty, block_trigrams, remove_bad_endings, num_images, threads, streams,
            max_regions, max_batch_mb, progress, pictures=None, coco_ids=False, extractor=None, ray=False,
-           address=None, actors=None, shard_size=None) -> None:
+           address=None, actors=None, shard_size=None, attention=None) -> None:
     if ray:  # --out is a directory of shards
         check_output_dir(out)
     else:
         check_output_file(out)  # before the work, not after it
+    if attention is not None:
+        if ray:
+            raise InferError("--attention draws in one process: leave out --ray")
+        check_output_folder(attention, "--attention")
     if pictures and (features is not None or input_json is not None or att_dir is not None):
         raise InferError("give either --images or --features, not both")
     if not pictures and features is None and input_json is None and att_dir is None:
@@ -341,28 +406,41 @@ def _infer(out, features, backend, precision, model, checkpoint, which, split, i
     else:
         extra = {"extractor": extractor} if extractor is not None else {}
         engine = load_backend(backend, checkpoint=checkpoint, which=which, threads=threads, **extra)
+    writer = None
+    if attention is not None:
+        if not getattr(engine, "has_attention", False):
+            why = engine.no_attention_message() if hasattr(engine, "no_attention_message") else (
+                f"the {backend} backend does not return attention weights")
+            raise InferError(f"--attention: {why}")
+        writer = AttentionWriter(attention, background=True)
     options: dict = {"block_trigrams": block_trigrams}
     if remove_bad_endings:
         options["bad_ending_ids"] = bad_ending_ids(engine.ix_to_word)
     if length_penalty:
         options["length_penalty"] = length_penalty
     start = time.perf_counter()
-    if pictures:
-        results = caption_pictures(
-            engine, engine.image_extractor(), images, beam_size, max_length, batch_size, options,
-            remove_bad_endings, progress, max_batch_bytes=max_batch_mb * 2**20,
-        )
-    else:
-        results = caption_images(
-            engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress, max_regions,
-            max_batch_mb * 2**20,
-        )
+    try:
+        if pictures:
+            results = caption_pictures(
+                engine, engine.image_extractor(), images, beam_size, max_length, batch_size, options,
+                remove_bad_endings, progress, max_batch_bytes=max_batch_mb * 2**20, attention=writer,
+            )
+        else:
+            results = caption_images(
+                engine, images, beam_size, max_length, batch_size, options, remove_bad_endings, progress,
+                max_regions, max_batch_mb * 2**20, attention=writer,
+            )
+    finally:
+        if writer is not None:
+            writer.close()  # every drawing done (or its error raised) before the captions are written
     seconds = time.perf_counter() - start
     write_json_atomic(out, results)
     typer.echo(
         f"wrote {len(results)} captions to {out} ({backend} {precision.value}, beam {beam_size}): "
         f"{len(results) / seconds:.2f} images/s ({seconds:.1f} s)"
     )
+    if writer is not None:
+        typer.echo(f"wrote the attention of {writer.written} image(s) to {attention} (<id>.png, <id>.json)")
 
 
 def _infer_with_ray(out: Path, images, model: Path, precision: str, address, actors, shard_size, progress,

@@ -123,3 +123,13 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
         raise OutputError(f"{what} {path} exists and is not a directory")
     _writable(path.parent, what, path)
     return path
+
+
+def check_output_folder(path: str | os.PathLike, what: str) -> Path:
+    """Check, before any work, that files can be written into the directory ``path`` (created later if it does not
+    exist): not a file, and a file can be created in it (or in its nearest existing ancestor)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} exists and is not a directory")
+    _writable(path, what, path)
+    return path

@@ -189,12 +189,14 @@ class ExtractorSpec:
 @dataclass
 class ImageFeatures:
     """One picture's features: ``att`` float32 [N, F], ``fc`` float32 [F'], ``boxes`` float32 [N, 4] (cells in
-    the picture's pixels, x1 y1 x2 y2, as cocobu_box), ``size`` (width, height) of the picture as decoded."""
+    the picture's pixels, x1 y1 x2 y2, as cocobu_box), ``size`` (width, height) of the picture as decoded, ``grid``
+    (rows, columns) of the cells (N = rows x columns, row-major)."""
 
     att: np.ndarray
     fc: np.ndarray
     boxes: np.ndarray
     size: tuple[int, int]
+    grid: tuple[int, int] | None = None
 
 
 def load_picture(source, spec: ExtractorSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -329,7 +331,7 @@ class Extractor:
                 x, (w, h) = loaded[j]
                 rows, cols = self.spec.grid(x.shape[2], x.shape[1])
                 boxes = cell_boxes(rows, cols) * np.array([w, h, w, h], np.float32)
-                out[j] = ImageFeatures(att[row], fc[row], boxes, (w, h))
+                out[j] = ImageFeatures(att[row], fc[row], boxes, (w, h), (rows, cols))
         return out  # type: ignore[return-value]
 
     def features(

@@ -30,6 +30,7 @@ import numpy as np
 
 INPUT_JSON = "cocotalk.json"
 ATT_DIR = "cocobu_att"
+BOX_DIR = "cocobu_box"  # beside ATT_DIR: each image's regions as boxes, (K, 4) x1 y1 x2 y2 in pixels
 FEAT_KEY = "feat"
 SPLITS = ("train", "val", "test", "restval", "all")
 DEFAULT_MAX_REGIONS = 1000
@@ -216,6 +217,42 @@ def read_features(image: ImageFile, width: int | None = None) -> np.ndarray:
     if not np.isfinite(feat).all():
         raise FeatureError(f"{where}: features contain NaN or infinite values")
     return feat
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+def box_path(image: ImageFile) -> Path:
+    """Where an image's region boxes are in the reference layout: ``<id>.npy`` in the folder ``cocobu_box`` beside
+    the folder of its features (DATA/cocobu_att/<id>.npz -> DATA/cocobu_box/<id>.npy)."""
+    return image.path.parent.parent / BOX_DIR / f"{image.path.stem}.npy"
+
+
+def check_boxes(image: ImageFile, regions: int) -> Path | None:
+    """The path of the image's box file (``box_path``) after checking its header: (regions, 4), floating point;
+    None when there is no such file. A file that is there but malformed is a FeatureError naming it."""
+    path = box_path(image)
+    if not path.is_file():
+        return None
+    where = _where(path, image.image_id)
+    with _reading(where):
+        with open(path, "rb") as f:
+            shape, dtype = _header(f)
+    if tuple(shape) != (regions, 4) or not np.issubdtype(dtype, np.floating):
+        raise FeatureError(
+            f"{where}: boxes of shape {tuple(shape)} ({dtype}); the image has {regions} regions, so ({regions}, 4) "
+            "floats (x1 y1 x2 y2) are expected"
+        )
+    return path
+
+
+def read_boxes(image: ImageFile, regions: int) -> np.ndarray:
+    """float64 (regions, 4) boxes of an image (``check_boxes`` first), checked finite."""
+    path = box_path(image)
+    where = _where(path, image.image_id)
+    with _reading(where):
+        boxes = np.load(path, allow_pickle=False)
+    if not isinstance(boxes, np.ndarray) or boxes.shape != (regions, 4) or not np.isfinite(boxes).all():
+        raise FeatureError(f"{where}: boxes must be ({regions}, 4) finite numbers")
+    return boxes.astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -3,10 +3,11 @@
 synth --render (the scenes as JPEG pictures) -> an EfficientNet-Lite0 extractor (ImageNet weights) -> extract ->
 prepro -> ngrams -> nearest-neighbour baseline -> XE -> eval -> SCST -> eval -> export (fp32 + int8, with the
 extractor) -> ONNX inference vs Paddle inference on the features, int8 vs fp32, and captioning the test split's
-picture files (aoanet-infer --images) with onnxruntime and with Paddle. Prints a table and writes
-artifacts/demo/report.json (with each stage's wall-clock and CPU seconds and the machine's load) and
-artifacts/demo/captions.png. Everything lives under artifacts/demo/; the pictures, the extractor and the features
-are made once and reused, the checkpoints and the export anew on every run.
+picture files (aoanet-infer --images) with onnxruntime and with Paddle, and where the model looked for one test
+picture (aoanet-infer --attention). Prints a table and writes artifacts/demo/report.json (with each stage's
+wall-clock and CPU seconds and the machine's load), artifacts/demo/captions.png and artifacts/demo/attention.png.
+Everything lives under artifacts/demo/; the pictures, the extractor and the features are made once and reused, the
+checkpoints and the export anew on every run.
 """
 
 from __future__ import annotations
@@ -240,6 +241,21 @@ def infer_images(export_dir: Path, checkpoint: Path, beam_size: int) -> dict:
     }
 
 
+def attention_picture(export_dir: Path, beam_size: int) -> dict:
+    """aoanet-infer --attention on the first test picture: its attention picture copied to
+    artifacts/demo/attention.png (docs/attention.md shows one)."""
+    picture = test_pictures()[0]
+    path = DATA / picture["filepath"] / picture["filename"]
+    out_dir = DEMO / "attention"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    run("aoanet-infer", "--model", export_dir, "--images", path, "--beam-size", beam_size, "--out",
+        DEMO / "attention_captions.json", "--attention", out_dir, "--no-progress")
+    record = read_json(out_dir / f"{path.stem}.json")
+    shutil.copyfile(out_dir / f"{path.stem}.png", DEMO / "attention.png")
+    return {"image_id": record["image_id"], "caption": record["caption"], "grid": record["grid"],
+            "heads": record["heads"], "picture": str((DEMO / "attention.png").relative_to(ROOT))}
+
+
 def captions_figure(captions_json: Path, out: Path, count: int = 16) -> None:
     """16 test pictures with their generated captions, 4 x 4."""
     import textwrap
@@ -306,6 +322,9 @@ def table(report: dict) -> str:
                 f"infer --images: CIDEr {m['CIDEr']:.3f} (beam {m['beam_size']}), captions equal to paddle = "
                 f"{m['captions_equal_paddle']:.3f}, to the features' = {m['captions_equal_features']:.3f}"
             )
+        if "attention" in report:
+            a = report["attention"]
+            lines.append(f"attention: image {a['image_id']} \"{a['caption']}\" -> {a['picture']}")
         if "int8" in i:
             q = i["int8"]
             lines.append(
@@ -365,6 +384,8 @@ def main():
     with stage("infer_images"):
         report["infer"]["images"] = infer_images(DEMO / "export", final, args.beam_size)
         captions_figure(DEMO / f"infer_images_onnx_b{args.beam_size}.json", DEMO / "captions.png")
+    with stage("attention"):
+        report["attention"] = attention_picture(DEMO / "export", args.beam_size)
     report["stages"] = STAGES
     report["machine"]["load_1min_at_end"] = _load()
     report["seconds"] = round(time.time() - started, 1)

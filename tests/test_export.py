@@ -103,6 +103,7 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
                 ("logprobs", "float32", ["batch", V + 1]),
                 ("next_state_h", "float32", [2, "batch", R]),
                 ("next_state_c", "float32", [2, "batch", R]),
+                ("attention", "float32", ["batch", 4, "regions"]),
                 ("cand_logprobs", "float32", ["batch", "k"]),
                 ("cand_ids", "int64", ["batch", "k"]),
             ],
@@ -153,6 +154,7 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
         "logprobs",
         "next_state_h",
         "next_state_c",
+        "attention",
         "cand_logprobs",
         "cand_ids",
     ]
@@ -204,7 +206,7 @@ def test_parity_report_within_tolerance(exported):
     out, manifest = exported
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["steps"] == 20
-    assert report["tolerance"]["logprobs"] == 1e-4
+    assert report["tolerance"] == {"logprobs": 1e-4, "attention": 1e-4}
     shapes = [(c["batch"], c["regions"]) for c in report["cases"]]
     assert (1, 1) in shapes
     assert any(c["ragged"] and len(set(c["lengths"])) > 1 for c in report["cases"])
@@ -212,8 +214,9 @@ def test_parity_report_within_tolerance(exported):
     assert any(c["beams"] > 1 and c["ragged"] for c in report["cases"])
     for backend in ("static", "onnx"):
         figures = report["max_abs_diff"][backend]
-        assert set(figures) == set(parity.OUTPUTS) >= {"p_att_feats", "att_values", "att_keys", "logprobs"}
+        assert set(figures) == set(parity.OUTPUTS) >= {"p_att_feats", "att_values", "att_keys", "logprobs", "attention"}
         assert figures["logprobs"] <= 1e-4
+        assert figures["attention"] <= 1e-4  # the weights of the static graph and ONNX equal the model's
         assert max(figures.values()) < 1e-4
         assert report["min_argmax_agreement"][backend] == 1.0
     assert manifest["parity"]["max_abs_diff"] == report["max_abs_diff"]
@@ -221,6 +224,9 @@ def test_parity_report_within_tolerance(exported):
         report["max_abs_diff"][b]["logprobs"] for b in ("static", "onnx")
     )
     assert manifest["parity"]["max_abs_diff_logprobs"] == report["max_abs_diff_logprobs"]
+    assert manifest["parity"]["max_abs_diff_attention"] == report["max_abs_diff_attention"] == max(
+        report["max_abs_diff"][b]["attention"] for b in ("static", "onnx")
+    )
     # The decoder's candidate head equalled numpy's top-4 of its log-probs at every step and row.
     rows = sum(c["batch"] * c["beams"] for c in report["cases"]) * report["steps"]
     assert report["candidates"] == {"k": 4, "rows": rows, "mismatched_rows": 0}
@@ -348,8 +354,8 @@ def test_failed_parity_leaves_no_out_dir(checkpoint, tmp_path, monkeypatch):
     step = parity.OnnxBackend.step
 
     def corrupted(self, *args):
-        logprobs, h, c = step(self, *args)
-        return logprobs + np.float32(2e-4), h, c
+        logprobs, h, c, att = step(self, *args)
+        return logprobs + np.float32(2e-4), h, c, att
 
     monkeypatch.setattr(parity.OnnxBackend, "step", corrupted)
     with pytest.raises(ParityError, match="log-prob") as info:
@@ -357,6 +363,23 @@ def test_failed_parity_leaves_no_out_dir(checkpoint, tmp_path, monkeypatch):
     assert info.value.report["passed"] is False
     assert info.value.report["max_abs_diff"]["onnx"]["logprobs"] > 1e-4
     assert info.value.report["max_abs_diff"]["static"]["logprobs"] <= 1e-4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_beyond_tolerance_fails_the_export(checkpoint, tmp_path, monkeypatch):
+    """The attention weights are gated on their own: right log-probs with wrong weights fail too."""
+    step = parity.StaticBackend.step
+
+    def shifted(self, *args):
+        logprobs, h, c, att = step(self, *args)
+        return logprobs, h, c, np.roll(att, 1, axis=-1)
+
+    monkeypatch.setattr(parity.StaticBackend, "step", shifted)
+    with pytest.raises(ParityError, match="attention") as info:
+        export_checkpoint(checkpoint, tmp_path / "out")
+    report = info.value.report
+    assert report["passed"] is False and report["max_abs_diff_logprobs"] <= 1e-4
+    assert report["max_abs_diff"]["static"]["attention"] > 1e-4 >= report["max_abs_diff"]["onnx"]["attention"]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -114,11 +114,17 @@ def test_runtime_installs_alone(runtime_env, small_export, tmp_path):
         Image.fromarray(a).save(pics / f"{i}.png")
     out = tmp_path / "pictures.json"
     proc = _run(runtime_env, ["aoanet-infer", "--model", str(small_export), "--images", str(pics), "--out", str(out),
-                              "--beam-size", "2", "--no-progress"], cwd=tmp_path)
+                              "--beam-size", "2", "--no-progress", "--attention", str(tmp_path / "attention")],
+                cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = [r["caption"] for r in json.loads(out.read_text())]
-    want = Captioner.from_dir(small_export).caption_images(sorted(pics.iterdir()), beam_size=2).captions
-    assert got == want
+    want = Captioner.from_dir(small_export).caption_images(sorted(pics.iterdir()), beam_size=2, return_attention=True)
+    assert got == want.captions
+    # the attention pictures are drawn with Pillow and numpy alone (no matplotlib there)
+    for i in range(3):
+        assert Image.open(tmp_path / "attention" / f"{i}.png").size[1] > 0
+        record = json.loads((tmp_path / "attention" / f"{i}.json").read_text())
+        assert record["tokens"] == want.tokens[i] and record["drawn_as"] == "grid"
 
     # the Paddle backend belongs to the training package: without it, the command says what to install
     proc = _run(runtime_env, ["aoanet-infer", "--backend", "paddle", "--checkpoint", str(tmp_path), "--features",

@@ -92,14 +92,16 @@ def _merge_heads(x):
     return x.transpose([0, 2, 1, 3]).reshape([b, n, h * d])
 
 
-def attend(query, key, value, mask_bias, dropout: nn.Layer):
-    """Scaled dot-product attention over heads. mask_bias is [B, 1, 1, N] (0 valid, MASK_FILL padding) or None."""
+def attend(query, key, value, mask_bias, dropout: nn.Layer, return_probs: bool = False):
+    """Scaled dot-product attention over heads. mask_bias is [B, 1, 1, N] (0 valid, MASK_FILL padding) or None.
+    ``return_probs``: also the attention weights [B, h, q, N] (before dropout)."""
     d_k = query.shape[-1]
     scores = paddle.matmul(query, key, transpose_y=True) * (1.0 / math.sqrt(d_k))
     if mask_bias is not None:
         scores = scores + mask_bias
     probs = F.softmax(scores, axis=-1)
-    return paddle.matmul(dropout(probs), value)
+    out = paddle.matmul(dropout(probs), value)
+    return (out, probs) if return_probs else out
 
 
 def mask_to_bias(att_masks):
@@ -206,16 +208,27 @@ class DecoderAttention(nn.Layer):
         self.linears = nn.LayerList([torch_linear(d_model, d_model)])
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, h, value_heads, key_heads, mask_bias):
+    def forward(self, h, value_heads, key_heads, mask_bias, return_weights: bool = False):
         """h [I*k, R]: decoder rows, image-major, k per image; value_heads/key_heads [I, h, N, d_k] (split once
         per sequence, not per step); mask_bias [I, 1, 1, N]. k = 1 in the training loops; in beam search the k
         beams of an image share its keys/values, so a step reads each image's memory once, as [k, d_k] x
-        [d_k, N] products per head, instead of k expanded copies of it."""
+        [d_k, N] products per head, instead of k expanded copies of it.
+
+        ``return_weights``: also each row's attention weights over the regions, per head, [I*k, h, N]."""
         i, r = value_heads.shape[0], h.shape[-1]
         q = self.linears[0](self.norm(h)).reshape([i, -1, self.num_heads, r // self.num_heads])
-        out = attend(q.transpose([0, 2, 1, 3]), key_heads, value_heads, mask_bias, self.dropout)  # [I, h, k, d_k]
+        out, probs = attend(
+            q.transpose([0, 2, 1, 3]), key_heads, value_heads, mask_bias, self.dropout, return_probs=True
+        )  # [I, h, k, d_k], [I, h, k, N]
         # flatten, not reshape([-1, R]): paddle.inference 3.3 rejects that reshape (a PIR pass mistypes it)
-        return out.transpose([0, 2, 1, 3]).flatten(2).flatten(0, 1)  # [I*k, R]
+        out = out.transpose([0, 2, 1, 3]).flatten(2).flatten(0, 1)  # [I*k, R]
+        if not return_weights:
+            return out
+        if mask_bias is not None:
+            # Paddle's CPU softmax leaves ~1e-28 on the padded regions (its exponential does not underflow to 0):
+            # the weights handed out are exactly 0 there
+            probs = probs * (mask_bias > MASK_FILL / 2).astype(probs.dtype)
+        return out, probs.transpose([0, 2, 1, 3]).flatten(0, 1)  # [I*k, h, N]
 
 
 class AoADecoderCore(nn.Layer):
@@ -246,18 +259,23 @@ class AoADecoderCore(nn.Layer):
         r, h = self.rnn_size, self.attention.num_heads
         return _split_heads(p_att_feats[:, :, :r], h), _split_heads(p_att_feats[:, :, r:], h)
 
-    def forward(self, xt, mean_feats, memory, mask_bias, state_h, state_c):
+    def forward(self, xt, mean_feats, memory, mask_bias, state_h, state_c, return_attention: bool = False):
         """memory = split_memory(p_att_feats), computed once per sequence, a row per image or per decoder row
         (see DecoderAttention.forward); mask_bias = mask_to_bias(att_masks), likewise."""
         lstm_in = paddle.concat([xt, mean_feats + self.ctx_drop(state_h[1])], axis=1)
         h_att, c_att = self.att_lstm(lstm_in, (state_h[0], state_c[0]))[1]
-        return self.after_lstm(h_att, c_att, memory, mask_bias, state_c)
+        return self.after_lstm(h_att, c_att, memory, mask_bias, state_c, return_attention)
 
-    def after_lstm(self, h_att, c_att, memory, mask_bias, state_c):
-        """The step from the attention LSTM's new (h, c) on: attention, AoA -> (output, next_h, next_c)."""
-        att = self.attention(h_att, memory[0], memory[1], mask_bias)
+    def after_lstm(self, h_att, c_att, memory, mask_bias, state_c, return_attention: bool = False):
+        """The step from the attention LSTM's new (h, c) on: attention, AoA -> (output, next_h, next_c), and with
+        ``return_attention`` the attention weights over the regions per head [rows, h, N] as a fourth result."""
+        att = self.attention(h_att, memory[0], memory[1], mask_bias, return_weights=return_attention)
+        if return_attention:
+            att, weights = att
         ctx = self.att2ctx(paddle.concat([att, h_att], axis=1))
         next_h = paddle.stack([h_att, ctx])
         next_c = paddle.stack([c_att, state_c[1]])
         out = ctx + h_att if self.out_res else ctx
+        if return_attention:
+            return self.out_drop(out), next_h, next_c, weights
         return self.out_drop(out), next_h, next_c
