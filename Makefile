@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= runtime,paddle,train,export,dev
+EXTRAS ?= runtime,paddle,train,export,vision,serve,dev
 
 .PHONY: env test lint demo bench clean
 
@@ -28,6 +28,8 @@ bench: env
 	$(PY) scripts/bench_data.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_infer.py
+	$(PY) scripts/bench_extract.py
+	$(PY) scripts/bench_attention.py
 
 clean:
 	rm -rf artifacts/demo artifacts/tmp

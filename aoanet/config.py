@@ -2,14 +2,17 @@
 
 A config has the sections ``data``, ``model``, ``train``, ``val`` and ``scst``. Keys use the reference's option
 names where it has one (``learning_rate_decay_every``, ``scheduled_sampling_max_prob``, ``label_smoothing``, …).
-Unknown keys and wrong types are errors naming the key; ``--set section.key=value`` overrides are parsed as YAML
-scalars and checked the same way. ``_base_: other.yml`` inherits another file (paths relative to the file).
+Unknown keys and wrong types are errors naming the key, and so are values out of range (NaN and infinite numbers
+included); ``--set section.key=value`` overrides are parsed as YAML scalars and checked the same way.
+``_base_: other.yml`` inherits another file (paths relative to the file); a cycle of ``_base_`` files is an error
+naming it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,9 +119,11 @@ def _coerce(where: str, value, typ):
         return float(value)
     if typ is float and isinstance(value, str):
         try:  # YAML 1.1 reads "2e-4" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -166,20 +171,46 @@ def from_dict(raw: dict, source: str = "config") -> Config:
 
 
 def _check_values(cfg: Config, source: str) -> None:
+    t, v, sc, d = cfg.train, cfg.val, cfg.scst, cfg.data
     positive = [
-        ("data.seq_per_img", cfg.data.seq_per_img), ("train.batch_size", cfg.train.batch_size),
-        ("train.learning_rate", cfg.train.learning_rate), ("val.batch_size", cfg.val.batch_size),
-        ("val.beam_size", cfg.val.beam_size), ("val.max_length", cfg.val.max_length),
-        ("scst.train_sample_n", cfg.scst.train_sample_n), ("scst.max_length", cfg.scst.max_length),
-        ("train.scheduled_sampling_increase_every", cfg.train.scheduled_sampling_increase_every),
-        ("train.learning_rate_decay_every", cfg.train.learning_rate_decay_every),
+        ("data.seq_per_img", d.seq_per_img), ("train.batch_size", t.batch_size),
+        ("train.learning_rate", t.learning_rate), ("val.batch_size", v.batch_size),
+        ("val.beam_size", v.beam_size), ("val.max_length", v.max_length),
+        ("scst.train_sample_n", sc.train_sample_n), ("scst.max_length", sc.max_length),
+        ("train.scheduled_sampling_increase_every", t.scheduled_sampling_increase_every),
+        ("train.learning_rate_decay_every", t.learning_rate_decay_every),
+        ("train.max_epochs", t.max_epochs), ("train.losses_log_every", t.losses_log_every),
+        ("train.learning_rate_decay_rate", t.learning_rate_decay_rate), ("train.optim_epsilon", t.optim_epsilon),
+        # Paddle's gradient clipping asserts on a bound <= 0 (value mode: [-clip, clip])
+        ("train.grad_clip", t.grad_clip), ("scst.temperature", sc.temperature),
     ]
     for where, value in positive:
         if value <= 0:
             raise ConfigError(f"{source}: {where} must be > 0, got {value}")
-    if not 0.0 <= cfg.train.label_smoothing < 1.0:
-        raise ConfigError(f"{source}: train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
-    if cfg.scst.baseline == "new_self_critical" and cfg.scst.train_sample_n < 2:
+    non_negative = [
+        ("data.num_workers", d.num_workers), ("train.weight_decay", t.weight_decay), ("train.seed", t.seed),
+        ("train.num_threads", t.num_threads), ("scst.reduce_on_plateau_patience", sc.reduce_on_plateau_patience),
+        ("scst.cider_weight", sc.cider_weight),
+    ]
+    for where, value in non_negative:
+        if value < 0:
+            raise ConfigError(f"{source}: {where} must be >= 0, got {value}")
+    unit = [
+        ("train.optim_alpha", t.optim_alpha, False), ("train.optim_beta", t.optim_beta, False),
+        ("train.label_smoothing", t.label_smoothing, False),
+        ("train.scheduled_sampling_increase_prob", t.scheduled_sampling_increase_prob, True),
+        ("train.scheduled_sampling_max_prob", t.scheduled_sampling_max_prob, True),
+    ]
+    for where, value, closed in unit:
+        if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+            raise ConfigError(f"{source}: {where} must be in [0, 1{']' if closed else ')'}, got {value}")
+    if not 0.0 < sc.reduce_on_plateau_factor < 1.0:
+        raise ConfigError(f"{source}: scst.reduce_on_plateau_factor must be in (0, 1), got "
+                          f"{sc.reduce_on_plateau_factor}")
+    for where, value in (("train.max_iters", t.max_iters), ("val.val_images_use", v.val_images_use)):
+        if value == 0 or value < -1:
+            raise ConfigError(f"{source}: {where} must be >= 1, or -1 (no limit), got {value}")
+    if sc.baseline == "new_self_critical" and sc.train_sample_n < 2:
         raise ConfigError(f"{source}: scst.baseline new_self_critical needs scst.train_sample_n >= 2")
 
 
@@ -193,18 +224,27 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(path):], path))
+        raise ConfigError(f"_base_ files form a cycle: {cycle}")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (the _base_ of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = raw.pop("_base_", None)
     if base:
-        raw = _merge(_read_yaml((path.parent / base).resolve()), raw)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _base_ must be a file name, got {base!r}")
+        raw = _merge(_read_yaml(path.parent / base, (*chain, path)), raw)
     return raw
 
 
@@ -218,7 +258,14 @@ def parse_overrides(items: list[str]) -> dict:
         parts = key.strip().split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"--set {item!r}: the key must be section.key (e.g. train.learning_rate)")
-        out.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not a YAML scalar ({e})") from None
+        section = out.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {item!r}: {parts[0]} is not a section")
+        section[parts[1]] = parsed
     return out
 
 
@@ -226,6 +273,15 @@ def load_config(path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     raw = _merge(_read_yaml(path), parse_overrides(overrides or []))
     return from_dict(raw, source=str(path))
+
+
+def config_from_text(text: str, source: str) -> Config:
+    """A resolved config (a checkpoint's config.yml, no ``_base_``) from its text."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    return from_dict(raw, source=source)
 
 
 def dump_config(cfg: Config) -> str:

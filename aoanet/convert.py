@@ -1,6 +1,6 @@
 """Import the authors' PyTorch AoANet checkpoints (``model.pth`` + ``infos_<id>.pkl``) into a Paddle AoAModel.
 
-The reference state dict (``aoanet-reference.md`` §1.6) uses the same parameter names as ``AoAModel``; the
+The authors' state dict (docs/model.md, "Parameters") uses the same parameter names as ``AoAModel``; the
 only layout difference is that PyTorch stores Linear weights as [out, in] and Paddle as [in, out]. Embedding,
 LSTMCell (gate order i, f, g, o in both) and the LayerNorm a_2/b_2 keep their layout. Sizes are inferred from
 the shapes; ``num_heads`` cannot be (it only splits R into heads), so it comes from the caller (the CLI reads
@@ -13,15 +13,11 @@ The infos pickle is read with a restricted unpickler: it builds only plain data 
 from __future__ import annotations
 
 import argparse
-import copyreg
-import io
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -29,8 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from aoanet.safe_pickle import READ_ERRORS, RestrictedUnpickler, UnsafePickleError
+from aoanet.safe_pickle import restricted_loads as _restricted_loads
+
 __all__ = [
     "ConversionError",
+    "RestrictedUnpickler",
     "UnsafePickleError",
     "infer_reference_options",
     "load_reference_infos",
@@ -45,10 +45,6 @@ __all__ = [
 
 class ConversionError(ValueError):
     """The reference checkpoint cannot be converted (missing, unexpected, mis-shaped tensors, bad options)."""
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle refers to a global outside the allowed plain-data set."""
 
 
 # ---------------------------------------------------------------------------------------------- state dict
@@ -216,82 +212,9 @@ def reference_state_dict(model) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- infos pickle
-def _numpy_module(name: str):
-    import importlib
-
-    # numpy 2 moved numpy.core to numpy._core; resolve to whichever exists, without the deprecated alias.
-    try:
-        return importlib.import_module(f"numpy._core.{name}")
-    except ImportError:
-        return importlib.import_module(f"numpy.core.{name}")
-
-
-def _latin1_encode(obj, encoding="utf-8", errors="strict"):
-    # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, 'latin1').
-    normalized = encoding.lower().replace("-", "").replace("_", "") if isinstance(encoding, str) else None
-    if not isinstance(obj, str) or normalized not in ("latin1", "iso88591", "l1"):
-        raise UnsafePickleError(
-            f"_codecs.encode called with {type(obj).__name__}, {encoding!r}: only latin1 text"
-        )
-    return obj.encode("latin1", errors)
-
-
-def _reconstructor(cls, base, state):
-    # Protocols 0/1 rebuild plain objects through copyreg._reconstructor(cls, object, None).
-    if cls is not argparse.Namespace or base is not object or state is not None:
-        raise UnsafePickleError(f"copyreg._reconstructor({cls!r}, {base!r}, ...) is not allowed")
-    return copyreg._reconstructor(cls, base, state)
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    multiarray, numeric = _numpy_module("multiarray"), _numpy_module("numeric")
-    allowed: dict[tuple[str, str], Any] = {
-        ("argparse", "Namespace"): argparse.Namespace,
-        ("collections", "OrderedDict"): OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "object"): object,  # only as the base argument of copyreg._reconstructor
-        ("copyreg", "_reconstructor"): _reconstructor,
-        ("_codecs", "encode"): _latin1_encode,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy", "ndarray"): np.ndarray,
-    }
-    # numpy scalars and arrays, as numpy 1 (numpy.core) and numpy 2 (numpy._core) write them.
-    for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5 arrays
-    return allowed
-
-
-# Python 2 module names, as the standard unpickler's fix_imports would map them.
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Builds plain data only: every global outside a short allow-list is refused with its name."""
-
-    def __init__(self, file, **kwargs):
-        super().__init__(file, **kwargs)
-        self._allowed = _allowed_globals()
-
-    def find_class(self, module, name):
-        module = _PY2_MODULES.get(module, module)
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refusing to load global {module}.{name}: the infos pickle may only contain plain data "
-                "(dict, list, tuple, str, int, float, bool, None, argparse.Namespace, numpy scalars/arrays)"
-            ) from None
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(f"refusing persistent id {pid!r} in the infos pickle")
-
-
 def restricted_loads(data: bytes):
-    """``pickle.loads`` limited to plain data (Python 2 strings decoded as latin1, as the authors' loader)."""
-    return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    """``pickle.loads`` limited to plain data (``aoanet.safe_pickle``), as the infos pickle needs."""
+    return _restricted_loads(data, what="the infos pickle")
 
 
 def load_reference_infos(path) -> dict:
@@ -301,7 +224,7 @@ def load_reference_infos(path) -> dict:
         infos = restricted_loads(path.read_bytes())
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except READ_ERRORS as e:
         raise ConversionError(f"{path} is not a readable infos pickle ({type(e).__name__}: {e})") from e
     if not isinstance(infos, dict):
         raise ConversionError(f"{path} holds a {type(infos).__name__}, expected the infos dict")
@@ -352,6 +275,10 @@ def vocabulary_from_infos(infos: Mapping, vocab_size: int) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- torch file
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(m) for m in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
 def read_pytorch_state_dict(path) -> dict[str, np.ndarray]:
     """Read a PyTorch ``model.pth`` (a state dict) with ``torch.load(weights_only=True)`` -> name -> array."""
     try:
@@ -361,6 +288,12 @@ def read_pytorch_state_dict(path) -> dict[str, np.ndarray]:
             "reading a PyTorch .pth needs torch, which is not installed: pip install 'aoanet[convert]' "
             "(or pip install torch)"
         ) from None
+    if _version_tuple(torch.__version__) < (2, 6):
+        raise ConversionError(
+            f"torch {torch.__version__} is installed, but reading a .pth safely needs torch >= 2.6 (the restricted "
+            "loader of earlier versions, torch.load(weights_only=True), can be made to run code: CVE-2025-32434): "
+            "pip install 'torch>=2.6'"
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises assorted errors for foreign or unsafe files
@@ -393,19 +326,18 @@ def _umask() -> int:
 def write_checkpoint_dir(
     model, ix_to_word: Mapping, out, force: bool = False, extra: Mapping | None = None
 ) -> Path:
-    """Write a checkpoint dir (model.json, model.pdparams, model-best.pdparams, config.yml, extra JSON files).
+    """Write a checkpoint dir (``aoanet.train.checkpoint.save_model_dir``: model.json, the weights as best and last,
+    config.yml, extra JSON files, bound by checkpoint.json).
 
     config.yml is the default (COCO, authors' recipe) config with the model's options: ``aoanet-eval`` reads
     its data paths from it (override them on its command line).
 
     Everything is written into a temporary directory next to ``out`` and renamed into place. An existing
-    ``out`` is refused unless ``force``; even then only a directory that is empty or holds a model.json is
+    ``out`` is refused unless ``force``; even then only a directory that is empty or holds a checkpoint is
     replaced.
     """
-    import paddle
-
     from aoanet.config import Config, dump_config
-    from aoanet.train.checkpoint import WEIGHTS, atomic_write_bytes, atomic_write_text, write_model_json
+    from aoanet.train.checkpoint import MANIFEST, save_model_dir
 
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -413,22 +345,20 @@ def write_checkpoint_dir(
             raise ConversionError(f"{out} already exists (pass --force to replace it)")
         if out.is_symlink() or not out.is_dir():
             raise ConversionError(f"{out} exists and is not a directory: not replacing it")
-        if any(out.iterdir()) and not (out / "model.json").is_file():
+        if any(out.iterdir()) and not ((out / MANIFEST).is_file() or (out / "model.json").is_file()):
             raise ConversionError(
-                f"{out} is not empty and holds no model.json: not replacing it, even with --force"
+                f"{out} is not empty and holds no checkpoint ({MANIFEST} or model.json): not replacing it, even "
+                "with --force"
             )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     old = None
     try:
-        write_model_json(tmp, model, ix_to_word)
-        buf = io.BytesIO()
-        paddle.save(model.state_dict(), buf)
-        for name in (WEIGHTS["last"], WEIGHTS["best"]):
-            atomic_write_bytes(tmp / name, buf.getvalue())
-        atomic_write_text(tmp / "config.yml", dump_config(Config(model=model.options.to_dict())))
-        for name, content in (extra or {}).items():
-            atomic_write_text(tmp / name, json.dumps(content, indent=1, default=str))
+        files = {
+            name: json.dumps(content, indent=1, default=str).encode("utf-8")
+            for name, content in (extra or {}).items()
+        }
+        save_model_dir(tmp, model, ix_to_word, dump_config(Config(model=model.options.to_dict())), files)
         os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))

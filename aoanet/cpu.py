@@ -4,8 +4,8 @@ training and evaluation commands ``configure_allocator()``.
 
 Paddle's bundled MKL picks its code path by CPU vendor: on AMD CPUs it takes a slow generic path unless
 ``MKL_DEBUG_CPU_TYPE=5`` forces the AVX2 one, while on Intel CPUs with AVX-512 the same setting takes the fast
-AVX-512 path away. So it is set on AMD CPUs only, and never over a value the user chose (docs/benchmarks.md has
-the measurements on both kinds).
+AVX-512 path away. So it is set on AMD CPUs only, and never over a value the user chose (docs/benchmarks.md,
+"Measurements behind design choices").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Captioning a split with the Paddle model and scoring it with the coco-caption metrics (§5)."""
+"""Captioning a split with the Paddle model and scoring it with the coco-caption metrics (docs/training.md,
+"Evaluation")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from aoanet.data.errors import DataError
+from aoanet_runtime.beam import NonFiniteError
 from aoanet_runtime.vocab import decode_sequence
 
 
@@ -66,7 +69,12 @@ def predict(
             take = min(len(batch["image_ids"]), total - len(results))
             feats = paddle.to_tensor(np.asarray(batch["att_feats"][:take]))
             masks = paddle.to_tensor(np.asarray(batch["att_masks"][:take]))
-            res = model.decode(feats, masks, beam_size=beam_size, max_length=max_length, **decode_options)
+            try:
+                res = model.decode(feats, masks, beam_size=beam_size, max_length=max_length, **decode_options)
+            except NonFiniteError as e:
+                ids = [int(batch["image_ids"][i]) for i in e.images]
+                raise DataError(f"image id(s) {ids} of split {split!r}: the model's outputs are not finite (NaN or "
+                                "inf) for their features: out of the range this model handles") from None
             for image_id, caption in zip(
                 batch["image_ids"][:take], decode_sequence(vocab or data.vocab, res.seqs)
             ):

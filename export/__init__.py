@@ -8,6 +8,15 @@
 """
 
 from aoanet_export.errors import ExportError, ParityError
-from aoanet_export.pipeline import export_checkpoint
 
 __all__ = ["ExportError", "ParityError", "export_checkpoint"]
+
+
+def __getattr__(name):
+    # Paddle is imported with the pipeline, on first use: the command (aoanet_export.cli) configures the math
+    # library and the warnings first.
+    if name == "export_checkpoint":
+        from aoanet_export.pipeline import export_checkpoint
+
+        return export_checkpoint
+    raise AttributeError(f"module 'aoanet_export' has no attribute {name!r}")

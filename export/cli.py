@@ -1,14 +1,18 @@
 """``aoanet-export --checkpoint DIR --out EXPORT_DIR [--which best|last] [--opset 17] [--force] [--int8]
-[--no-fold-embedding]``."""
+[--no-fold-embedding] [--extractor DIR]``."""
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+from aoanet_runtime.cliutil import EPILOG, check_output_dir, command_args, report_errors
 
 app = typer.Typer(
     add_completion=False, help="Export an AoANet checkpoint to ONNX (with a manifest and a parity check)."
@@ -20,7 +24,7 @@ class Which(str, Enum):
     last = "last"
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def export_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint directory (model.json + weights)"),
     out: Path = typer.Option(..., "--out", help="export directory to create"),
@@ -29,6 +33,11 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="replace an existing export directory (only after success)"),
     int8: bool = typer.Option(
         False, "--int8", help="also write int8 (dynamically quantized) graphs: faster and smaller, lossy"
+    ),
+    extractor: Optional[Path] = typer.Option(
+        None,
+        "--extractor",
+        help="image extractor dir to serve the model with (default: the one its training features came from)",
     ),
     fold_embedding: bool = typer.Option(
         True,
@@ -41,20 +50,28 @@ def export_command(
     from aoanet.cpu import configure_math_library
 
     configure_math_library()  # before Paddle is imported
-    from aoanet_export import ExportError, export_checkpoint
+    warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)  # (custom operators only)
+    from aoanet_export import ExportError
 
-    try:
-        manifest = export_checkpoint(
-            checkpoint, out, opset=opset, which=which.value, force=force, int8=int8, fold_embedding=fold_embedding
-        )
-    except ExportError as e:
-        typer.echo(f"aoanet-export: error: {e}", err=True)
-        raise typer.Exit(1) from None
+    report_errors("aoanet-export", ExportError, ValueError)(_export)(checkpoint, out, which, opset, force, int8,
+                                                                    fold_embedding, extractor)
+
+
+def _export(checkpoint, out, which, opset, force, int8, fold_embedding, extractor=None) -> None:
+    from aoanet_export import export_checkpoint
+
+    check_output_dir(out)  # before the work, not after it
+    manifest = export_checkpoint(
+        checkpoint, out, opset=opset, which=which.value, force=force, int8=int8, fold_embedding=fold_embedding,
+        extractor=extractor,
+    )
     figures = manifest["parity"]["max_abs_diff"]
     typer.echo(
         f"wrote {out} (opset {manifest['opset']}); max |diff| of log-probs: "
         + json.dumps({name: figures[name]["logprobs"] for name in figures})
     )
+    if "extractor" in manifest:
+        typer.echo(f"with the image extractor {manifest['extractor']['backbone']} (captions image files)")
     if "int8" in manifest:
         q = manifest["int8"]
         typer.echo(
@@ -64,7 +81,7 @@ def export_command(
 
 
 def main() -> None:
-    app()
+    app(args=command_args(), prog_name="aoanet-export")
 
 
 if __name__ == "__main__":

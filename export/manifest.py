@@ -9,7 +9,17 @@ from pathlib import Path
 
 from aoanet.model import AoAModel
 from aoanet_export.errors import ExportError
-from aoanet_runtime.contract import FORMAT_VERSION, MANIFEST, MODEL_FILES
+from aoanet_runtime.contract import (
+    CELLS,
+    EXTRACTOR,
+    EXTRACTOR_FILES,
+    EXTRACTOR_INPUT,
+    FORMAT_VERSION,
+    HEIGHT,
+    MANIFEST,
+    MODEL_FILES,
+    WIDTH,
+)
 
 # {precision: {"encoder": file, "decoder": file}}: the fp32 graphs, and the optional int8 ones (aoanet-export --int8;
 # a manifest without them is still complete).
@@ -63,12 +73,14 @@ def build(
     parity: dict,
     source: dict,
     int8: dict | None = None,
+    extractor: dict | None = None,
 ) -> dict:
     """The manifest of the files already in ``export_dir``.
 
     graphs: {"encoder": {"inputs": [...], "outputs": [...]}, "decoder": {...}} as written by the conversion.
     static: {"encoder": StaticFiles, "decoder": StaticFiles}.
     int8: the ``int8`` section (settings and figures) when the int8 graphs were written, else None.
+    extractor: {"spec": ExtractorSpec, "trained_with": bool, ...} when the image extractor's files were copied.
     """
     export_dir = Path(export_dir)
     v = model.vocab_size
@@ -82,6 +94,16 @@ def build(
             "bytes": path.stat().st_size,
             **graphs[name.split(".")[0]],  # the int8 graphs have the fp32 graphs' inputs and outputs
         }
+    if extractor is not None:
+        spec = extractor["spec"]
+        for name in EXTRACTOR_FILES:
+            path = export_dir / name
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        files[EXTRACTOR].update(
+            inputs=[{"name": EXTRACTOR_INPUT, "dtype": "float32", "shape": ["batch", 3, HEIGHT, WIDTH]}],
+            outputs=[{"name": "att_feats", "dtype": "float32", "shape": ["batch", CELLS, spec.feature_width]}]
+            + ([{"name": "fc_feats", "dtype": "float32", "shape": ["batch", spec.fc_width]}] if spec.fc_width else []),
+        )
     manifest = {
         "format_version": FORMAT_VERSION,
         "model": "aoanet",
@@ -120,6 +142,17 @@ def build(
     }
     if int8 is not None:
         manifest["int8"] = int8
+    if extractor is not None:
+        spec = extractor["spec"]
+        manifest["extractor"] = {
+            "files": list(EXTRACTOR_FILES),
+            "backbone": spec.backbone,
+            "feature_width": spec.feature_width,
+            "size": spec.size,
+            "weights": spec.weights,
+            # False: attached with aoanet-export --extractor to a model whose training features were not recorded
+            "trained_with": bool(extractor["trained_with"]),
+        }
     return manifest
 
 

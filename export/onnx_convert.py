@@ -112,8 +112,8 @@ def fuse_log_softmax(model) -> int:
     """Rewrite ``Sub(x, ReduceLogSumExp(x, axes=[last], keepdims=1))`` as ``LogSoftmax(x, axis=-1)``.
 
     The model writes log-softmax as ``x - logsumexp(x)`` because Paddle's CPU log_softmax kernel is slow; in
-    onnxruntime it is the other way round: ReduceLogSumExp over [150, 9488] takes 3.4 ms, LogSoftmax 0.34 ms
-    (12% of a full-size int8 decoder step). Same function; the export's parity check covers the result.
+    onnxruntime it is the other way round: ReduceLogSumExp is much slower than LogSoftmax at the decoder's
+    shape (docs/benchmarks.md). Same function; the export's parity check covers the result.
     Returns the number of rewrites.
     """
     import onnx
@@ -227,8 +227,8 @@ def add_candidate_head(model, logprobs: str = "logprobs") -> None:
 def bypass_output_identities(model) -> int:
     """Remove the ``Identity`` nodes paddle2onnx puts in front of graph outputs, renaming the producer's output
     instead (when that output is the Identity's alone). onnxruntime drops such an Identity itself only while the
-    output has no other consumer; the candidate head reads ``logprobs``, and the Identity then copied it at every
-    step (0.45 ms of a 13 ms full-size int8 step). Returns the number removed."""
+    output has no other consumer; the candidate head reads ``logprobs``, and the Identity would then copy it at
+    every step (docs/benchmarks.md). Returns the number removed."""
     graph = model.graph
     outputs = {v.name for v in graph.output}
     fixed = {v.name for v in graph.input} | {t.name for t in graph.initializer}

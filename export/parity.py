@@ -7,9 +7,9 @@ region, full and ragged masks, a batch larger than the others, and beams: ``beam
 per image, fed the image's memory once (as the runtime's beam search does), while the dynamic graph gets it
 repeated per row (the per-row form); beam j of an image is fed the dynamic graph's j-th best token. The
 export fails when the log-probs of either backend differ from the dynamic graph by more than
-``LOGPROB_TOLERANCE`` (max absolute difference); the other outputs are reported. The ONNX decoder's candidate
-head (top-k words by log-prob) must equal, exactly, numpy's top-k (stable descending sort) of the same graph's
-log-probs at every step of every case.
+``LOGPROB_TOLERANCE`` (max absolute difference), or their attention weights by more than ``ATTENTION_TOLERANCE``;
+the other outputs are reported. The ONNX decoder's candidate head (top-k words by log-prob) must equal, exactly,
+numpy's top-k (stable descending sort) of the same graph's log-probs at every step of every case.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import paddle
 
 from aoanet.model import AoAModel
 from aoanet_export.static import StaticFiles, StaticPredictor
-from aoanet_runtime.contract import DECODER_OUTPUTS, ENCODER_OUTPUTS, HEAD_OUTPUTS
+from aoanet_runtime.contract import ATTENTION_OUTPUT, DECODER_OUTPUTS, ENCODER_OUTPUTS, HEAD_OUTPUTS
 
 LOGPROB_TOLERANCE = 1e-4
+# The attention weights (probabilities, 0..1) are gated too: they are what the pictures of aoanet-infer --attention
+# show, and a graph that computed them wrongly would still give the right log-probs only by accident.
+ATTENTION_TOLERANCE = 1e-4
 STEPS = 20
 CANDIDATES_K = 4  # what a beam search of 3 fetches (K + 1, for the UNK penalty)
 
@@ -55,7 +58,8 @@ DEFAULT_CASES = (
     Case(4, 12, True, beams=3),
 )
 
-OUTPUTS = (*ENCODER_OUTPUTS, *DECODER_OUTPUTS)
+STEP_OUTPUTS = (*DECODER_OUTPUTS, ATTENTION_OUTPUT)
+OUTPUTS = (*ENCODER_OUTPUTS, *STEP_OUTPUTS)
 BACKENDS = ("static", "onnx")
 
 
@@ -84,8 +88,8 @@ class DynamicBackend:
     @paddle.no_grad()
     def step(self, it, h, c, mean, encoded, masks):
         t = paddle.to_tensor
-        lp, (h, c) = self.model.step(t(it), (t(h), t(c)), t(mean), t(encoded[1]), t(masks))
-        return lp.numpy(), h.numpy(), c.numpy()
+        lp, (h, c), att = self.model.step(t(it), (t(h), t(c)), t(mean), t(encoded[1]), t(masks), True)
+        return lp.numpy(), h.numpy(), c.numpy(), att.numpy()
 
 
 def decoder_feeds(it, h, c, mean, encoded, masks) -> dict:
@@ -138,18 +142,18 @@ class OnnxBackend:
         return tuple(self.encoder.run(list(ENCODER_OUTPUTS), {"att_feats": feats, "att_masks": masks}))
 
     def step(self, it, h, c, mean, encoded, masks):
-        outputs = list(DECODER_OUTPUTS)
+        outputs = list(STEP_OUTPUTS)
         feeds = decoder_feeds(it, h, c, mean, encoded, masks)
         if not self.head:
             return tuple(self.decoder.run(outputs, feeds))
         feeds["topk"] = np.array([CANDIDATES_K], np.int64)
-        lp, h, c, raw, ids = self.decoder.run(outputs + list(HEAD_OUTPUTS), feeds)
+        lp, h, c, att, raw, ids = self.decoder.run(outputs + list(HEAD_OUTPUTS), feeds)
         k = min(CANDIDATES_K, lp.shape[1])
         want = np.argsort(-lp, axis=1, kind="stable")[:, :k]
         ok = (ids == want).all(axis=1) & (raw == np.take_along_axis(lp, want, axis=1)).all(axis=1)
         self.candidates["rows"] += int(ok.size)
         self.candidates["mismatched_rows"] += int(ok.size - ok.sum())
-        return lp, h, c
+        return lp, h, c, att
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -183,12 +187,12 @@ def compare(reference, backends: dict, case: Case, feats, masks, steps: int = ST
     rank = np.arange(rows) % k
     it = np.zeros(rows, np.int64)  # BOS
     for _ in range(steps):
-        ref_lp, *ref_state = reference.step(it, *ref_state, ref_mem[0], ref_mem, ref_masks)
+        ref_lp, *ref_state, ref_att = reference.step(it, *ref_state, ref_mem[0], ref_mem, ref_masks)
         for name, backend in backends.items():
             enc = encs[name]
-            lp, h, c = backend.step(it, *states[name], np.repeat(enc[0], k, axis=0), enc, masks)
+            lp, h, c, att = backend.step(it, *states[name], np.repeat(enc[0], k, axis=0), enc, masks)
             states[name] = (h, c)
-            for output, a, b in zip(DECODER_OUTPUTS, (lp, h, c), (ref_lp, *ref_state), strict=True):
+            for output, a, b in zip(STEP_OUTPUTS, (lp, h, c, att), (ref_lp, *ref_state, ref_att), strict=True):
                 record(name, output, a, b)
             agree[name] += int((lp.argmax(axis=1) == ref_lp.argmax(axis=1)).sum())
         it = np.argsort(-ref_lp, axis=1, kind="stable")[np.arange(rows), rank].astype(np.int64)
@@ -209,8 +213,10 @@ def run_parity(
     seed: int = 0,
     tolerance: float = LOGPROB_TOLERANCE,
     threads: int | None = None,
+    attention_tolerance: float = ATTENTION_TOLERANCE,
 ) -> dict:
-    """The parity report (JSON-ready); ``report["passed"]``: are the log-probs within ``tolerance``?"""
+    """The parity report (JSON-ready); ``report["passed"]``: are the log-probs within ``tolerance`` and the
+    attention weights within ``attention_tolerance``?"""
     start = time.perf_counter()
     model.eval()
     reference = DynamicBackend(model)
@@ -232,6 +238,7 @@ def run_parity(
     candidates = backends["onnx"].candidates
     passed = (
         all(overall[name]["logprobs"] <= tolerance for name in backends)
+        and all(overall[name][ATTENTION_OUTPUT] <= attention_tolerance for name in backends)
         and all(np.isfinite(v) for figures in overall.values() for v in figures.values())
         and (candidates is None or candidates["mismatched_rows"] == 0)
     )
@@ -239,11 +246,12 @@ def run_parity(
         "passed": passed,
         "reference": "paddle dynamic graph",
         "backends": {"static": "paddle.inference", "onnx": "onnxruntime CPUExecutionProvider"},
-        "tolerance": {"logprobs": tolerance},
+        "tolerance": {"logprobs": tolerance, ATTENTION_OUTPUT: attention_tolerance},
         "steps": steps,
         "seed": seed,
         # The gated figure: the worst log-prob difference of any backend from the dynamic graph.
         "max_abs_diff_logprobs": max(overall[name]["logprobs"] for name in backends),
+        "max_abs_diff_attention": max(overall[name][ATTENTION_OUTPUT] for name in backends),
         "max_abs_diff": overall,
         "min_argmax_agreement": {
             name: min(r["argmax_agreement"][name] for r in results) for name in backends
@@ -258,7 +266,8 @@ def run_parity(
 def summary(report: dict) -> dict:
     """The figures kept in the manifest (parity.json has the per-case details)."""
     keys = (
-        "passed", "tolerance", "steps", "max_abs_diff_logprobs", "max_abs_diff", "min_argmax_agreement", "candidates"
+        "passed", "tolerance", "steps", "max_abs_diff_logprobs", "max_abs_diff_attention", "max_abs_diff",
+        "min_argmax_agreement", "candidates",
     )
     return {**{k: report[k] for k in keys}, "cases": [[c["batch"], c["regions"], c["beams"]] for c in report["cases"]]}
 

@@ -18,23 +18,13 @@ from aoanet_export import manifest as manifest_mod
 from aoanet_export import quantize
 from aoanet_export.errors import ExportError, ParityError
 from aoanet_export.onnx_convert import check_opset, convert, import_paddle2onnx
-from aoanet_export.parity import LOGPROB_TOLERANCE, describe, run_parity, summary
+from aoanet_export.parity import ATTENTION_TOLERANCE, LOGPROB_TOLERANCE, describe, run_parity, summary
 from aoanet_export.static import save_static
-from aoanet_runtime.contract import MANIFEST, PARITY, graph_specs
+from aoanet_runtime.contract import EXTRACTOR_FILES, EXTRACTOR_SPEC, MANIFEST, PARITY, graph_specs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-
-
-def _weights_file(checkpoint_dir: Path, which: str) -> Path:
-    # Mirrors load_model's choice (best falls back to last when no validation ran), for the manifest.
-    from aoanet.train.checkpoint import WEIGHTS
-
-    path = checkpoint_dir / WEIGHTS[which]
-    if which == "best" and not path.is_file():
-        path = checkpoint_dir / WEIGHTS["last"]
-    return path
 
 
 def export_checkpoint(
@@ -47,20 +37,28 @@ def export_checkpoint(
     tolerance: float | None = None,
     int8: bool = False,
     fold_embedding: bool = True,
+    extractor: str | os.PathLike | None = None,
 ) -> dict:
     """Export a checkpoint directory to ``out_dir``; returns the manifest (also written as manifest.json).
+
+    ``extractor``: the image extractor directory to serve the model with. By default the one the checkpoint's
+    features came from (recorded in its model.json, checked by sha256); a model without one is exported for
+    region features only. The extractor's files are copied into the export and hashed in its manifest.
 
     ``int8``: also write ``encoder.int8.onnx`` and ``decoder.int8.onnx`` (dynamic quantization of the parity-checked
     fp32 graphs, ``aoanet_export.quantize``), listed in the manifest's ``files`` with the others and measured against
     the fp32 graphs in its ``int8`` section.
 
     ``fold_embedding`` (default): the decoder looks up each word's share of the LSTM gates in a [V+1, 4R] table
-    instead of multiplying its embedding (``aoanet.model.FoldedStep``): 16% faster steps, a larger decoder file
-    (+100 MB at full size). Recorded in the manifest as ``decoder_step``.
+    instead of multiplying its embedding (``aoanet.model.FoldedStep``): faster steps, a larger decoder file
+    (docs/benchmarks.md). Recorded in the manifest as ``decoder_step``.
+
+    The checkpoint's files are verified against its manifest (``aoanet.train.checkpoint``) before anything is
+    traced, and the manifest's ``source_checkpoint`` records the sha256 of the weights exported.
 
     Raises ExportError (ParityError when the graphs do not match the model) with ``out_dir`` untouched.
     """
-    from aoanet.train.checkpoint import CheckpointError, load_model
+    from aoanet.train.checkpoint import CheckpointError, load_model_from, with_checkpoint
 
     start = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir).resolve(), Path(out_dir).resolve()
@@ -75,12 +73,16 @@ def export_checkpoint(
     if int8:
         quantize.check_available()
 
+    def load(ck):
+        model, ix_to_word, role = load_model_from(ck, which)
+        return model, ix_to_word, ck.path(role), ck.sha256(role)
+
     try:
-        model, ix_to_word = load_model(checkpoint_dir, which)
+        model, ix_to_word, weights, weights_sha256 = with_checkpoint(checkpoint_dir, load)
     except CheckpointError as e:
         raise ExportError(f"cannot load the checkpoint: {e}") from e
-    weights = _weights_file(checkpoint_dir, which)
     log.info("loaded %s (vocabulary %d, rnn_size %d)", weights, model.vocab_size, model.options.rnn_size)
+    image_extractor = _find_extractor(checkpoint_dir, extractor, model.options.att_feat_size)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -103,9 +105,13 @@ def export_checkpoint(
         if not report["passed"]:
             raise ParityError(
                 f"the exported graphs do not reproduce the model: max |log-prob difference| above "
-                f"{tolerance:g} ({describe(report)})",
+                f"{tolerance:g} or max |attention difference| above {ATTENTION_TOLERANCE:g} ({describe(report)})",
                 report,
             )
+
+        if image_extractor is not None:
+            for name in EXTRACTOR_FILES:
+                shutil.copyfile(image_extractor["dir"] / name, tmp / name)
 
         int8_section = None
         if int8:
@@ -114,11 +120,12 @@ def export_checkpoint(
         source = {
             "path": str(checkpoint_dir),
             "which": which,
-            "weights_file": weights.name,
-            "weights_sha256": manifest_mod.sha256_file(weights),
+            "weights_file": weights.relative_to(checkpoint_dir).as_posix(),
+            "weights_sha256": weights_sha256,
         }
         manifest = manifest_mod.build(
-            tmp, model, ix_to_word, opset, graphs, static, summary(report), source, int8=int8_section
+            tmp, model, ix_to_word, opset, graphs, static, summary(report), source, int8=int8_section,
+            extractor=image_extractor,
         )
         manifest["decoder_step"] = "folded_embedding" if fold_embedding else "embedding"
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
@@ -129,6 +136,42 @@ def export_checkpoint(
         raise
     log.info("export written to %s in %.1f s", out_dir, time.perf_counter() - start)
     return manifest
+
+
+def _find_extractor(checkpoint_dir: Path, given, att_feat_size: int) -> dict | None:
+    """The extractor to copy into the export: ``given``, or the one recorded in the checkpoint's model.json;
+    checked against the recorded sha256 and the model's feature width. None when there is neither."""
+    from aoanet.train.checkpoint import read_model_json
+    from aoanet.vision.extract import extractor_hashes
+    from aoanet_runtime.extractor import ExtractorError, ExtractorSpec
+
+    record = read_model_json(checkpoint_dir).get("extractor")
+    if given is None and record is None:
+        return None
+    directory = Path(given if given is not None else record["dir"])
+    missing = [name for name in EXTRACTOR_FILES if not (directory / name).is_file()]
+    if missing:
+        trained = f"the checkpoint's features came from the {record.get('backbone')} extractor in " if record else ""
+        raise ExportError(
+            f"{trained}{directory}, which has no {', '.join(missing)}: pass --extractor DIR (that extractor, e.g. "
+            "the extractor/ folder of the data directory)"
+        )
+    hashes = extractor_hashes(directory)
+    if record is not None and hashes != record.get("sha256"):
+        raise ExportError(
+            f"{directory} is not the extractor the checkpoint was trained with (its files' sha256 differ from those "
+            f"in {checkpoint_dir / 'model.json'}): a model must be served with the features it was trained on"
+        )
+    try:
+        spec = ExtractorSpec.read(directory / EXTRACTOR_SPEC)
+    except ExtractorError as e:
+        raise ExportError(str(e)) from None
+    if spec.feature_width != att_feat_size:
+        raise ExportError(
+            f"{directory / EXTRACTOR_SPEC}: the extractor gives {spec.feature_width}-d features, the model reads "
+            f"{att_feat_size}-d (att_feat_size)"
+        )
+    return {"dir": directory, "sha256": hashes, "spec": spec, "trained_with": record is not None}
 
 
 def _quantize(onnx_files: dict, tmp: Path, att_feat_size: int) -> dict:

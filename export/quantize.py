@@ -27,23 +27,13 @@ from aoanet_export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-# Per-tensor vs per-channel weight scales (one scale per output column), measured on the 2-core AVX512-VNNI CPU
-# here, as per-tensor/per-channel: "d log-prob" is the max |difference| from the fp32 graphs (full-size and demo:
-# the parity inputs, int8 encoder + decoder over 20 chained steps; test model: one decoder step, 50 x 24 random
-# rows), "captions" the fraction of captions equal to fp32's.
-#                                d log-prob     captions                              speed, images/s
-#   full-size, random weights    8.6e-3/8.4e-3  0.86/0.90 (50 images, beam 3)         62.7/62.1 (fp32 23.8)
-#   demo model (trained, R=128)  0.178/0.134    0.945/0.949 (250 images, beams 1-3)   -
-#   test model (random, R=32)    0.055/0.048    0.725/0.732 (240 images, beams 1-3)   -
-# (full-size speed: batch 50 x beam 3, 36 regions; encoder 0.269/0.273 s, decoder step 23.8/24.1 ms; argmax
-# agreement on the parity inputs 0.977/0.984.) Per-channel is as fast, as small (+0.3%) and a little more
-# accurate, so it is the default.
+# Per-channel weight scales (one scale per output column) rather than per-tensor: as fast, as small and a little
+# more accurate (docs/int8.md, "Settings").
 PER_CHANNEL = True
 WEIGHT_TYPE = "QInt8"
 # 8-bit weights (not 7). VNNI CPUs have no u8 x s8 saturation problem; on x86 CPUs without VNNI the runtime's session
-# option (aoanet_runtime.sessions.INT8_PRECISION_OPTION) has onnxruntime run these weights as uint8, without saturation.
-# Measured on the test model on the AVX2 Zen 2 here, captions equal to fp32's (beam 2, 240 images): 8-bit + that
-# option 0.717; 7-bit weights (reduce_range) 0.621; 8-bit without the option 0.204.
+# option (aoanet_runtime.sessions.INT8_PRECISION_OPTION) has onnxruntime run these weights as uint8, without saturation,
+# which keeps more captions equal to fp32's than 7-bit weights do (docs/int8.md, "Settings").
 REDUCE_RANGE = False
 
 # What quantize_dynamic emits for a weight matmul (MatMulInteger; the fused forms in case a later onnxruntime
@@ -135,8 +125,9 @@ def fold_constants(src: Path, dst: Path) -> None:
 
 def _restore_declared_shapes(model, source) -> bool:
     """Give the quantized graph's inputs and outputs the fp32 graph's declared types. The optimisation pass
-    writes inferred shapes, which take the default of an optional input for a dynamic size (the candidate head's
-    ``topk`` default of 1 made ``cand_ids`` [batch, 1] instead of [batch, k]). Returns whether anything changed."""
+    writes inferred shapes, which can pin a dynamic size to one value (an optional input's default, such as a
+    format-3 decoder's ``topk``, would make ``cand_ids`` [batch, 1] instead of [batch, k]). Returns whether anything
+    changed."""
     declared = {v.name: v.type for v in list(source.graph.input) + list(source.graph.output)}
     changed = False
     for value in list(model.graph.input) + list(model.graph.output):

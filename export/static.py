@@ -44,8 +44,9 @@ class EncoderGraph(paddle.nn.Layer):
 
 class DecoderGraph(paddle.nn.Layer):
     """One decoder step, ``_step(it, (state_h, state_c), mean_feats, (att_values, att_keys), mask_bias)`` ->
-    (logprobs, next_h, next_c). The rows are image-major; att_values, att_keys and att_masks have a row per
-    image (or per row), see DecoderAttention.forward.
+    (logprobs, next_h, next_c, attention). The rows are image-major; att_values, att_keys and att_masks have a
+    row per image (or per row), see DecoderAttention.forward. ``attention`` [rows, heads, N] is each row's
+    attention weights over the regions (format 6; a caller that does not fetch it gets no copy of it).
 
     ``fold_embedding`` (the default): the step is ``FoldedStep``, with the word embedding folded into the LSTM's
     input weights (a [V+1, 4R] table instead of an e x 4R product per row: -15% FLOPs per full-size step, about
@@ -58,10 +59,10 @@ class DecoderGraph(paddle.nn.Layer):
 
     def forward(self, it, state_h, state_c, mean_feats, att_values, att_keys, att_masks):
         step = self.model._step if self.folded is None else self.folded
-        logprobs, (next_h, next_c) = step(
-            it, (state_h, state_c), mean_feats, (att_values, att_keys), mask_to_bias(att_masks)
+        logprobs, (next_h, next_c), attention = step(
+            it, (state_h, state_c), mean_feats, (att_values, att_keys), mask_to_bias(att_masks), True
         )
-        return logprobs, next_h, next_c
+        return logprobs, next_h, next_c, attention
 
 
 def encoder_spec(model: AoAModel) -> list[InputSpec]:

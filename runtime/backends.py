@@ -3,7 +3,12 @@ registers under the entry-point group ``aoanet_runtime.backends``. The training 
 dynamic graph, ``aoanet.infer_backend``), so the runtime never names it.
 
 A backend has ``width`` (feature width), ``ix_to_word``, ``streams`` and ``decode(att_feats, att_masks, beam_size,
-max_length, **options) -> DecodeResult`` over one padded batch.
+max_length, **options) -> DecodeResult`` over one padded batch, may have ``memory_model``
+(``aoanet_runtime.features.MemoryModel``: batches are then bounded in memory), and has ``image_extractor()`` -> the
+``aoanet_runtime.extractor.Extractor`` its model was trained with (``aoanet-infer --images``), raising BackendError
+when it has none. A backend with ``has_attention`` True takes ``decode(..., return_attention=True)`` and returns each
+chosen token's attention weights (``DecodeResult.attention``, ``aoanet-infer --attention``); when it is False,
+``no_attention_message()`` says why.
 """
 
 from __future__ import annotations
@@ -34,7 +39,18 @@ class OnnxBackend:
         self.streams = self.captioner.streams
         self.width = self.captioner.att_feat_size
         self.ix_to_word = self.captioner.ix_to_word
+        self.memory_model = self.captioner.memory_model
         self.decode = self.captioner.decode
+        self.has_attention = self.captioner.has_attention
+        self.no_attention_message = self.captioner.no_attention_message
+
+    def image_extractor(self):
+        from aoanet_runtime.exportdir import ExportDirError
+
+        try:
+            return self.captioner.extractor
+        except ExportDirError as e:
+            raise BackendError(str(e)) from None
 
 
 def registered() -> dict:

@@ -2,7 +2,7 @@
 
 This is the one implementation used by both backends (Paddle ``generate`` and the onnxruntime
 captioner). It follows the authors' beam search (``models/CaptionModel.py:beam_search``/``beam_step``,
-``aoanet-reference.md`` §4.2), batched over images instead of looping over them:
+docs/model.md, "Decoding"), batched over images instead of looping over them:
 
 * rows are image-major: row ``b * K + k`` is beam ``k`` of image ``b``;
 * one BOS step (token 0); at t = 0 only beam 0 is expanded (all beams are identical);
@@ -22,6 +22,10 @@ The ``step`` callable must return log-probabilities (every value <= 0): the earl
 sums never increasing. It may return them whole ([M, V+1]) or as ``Candidates``: each row's best words already
 chosen by the backend (the ONNX decoder's candidate head, ``Candidates.needed`` of them), which is all the search
 reads when no constraint (block_trigrams, bad endings) needs the other values.
+
+With ``return_attention`` the step also returns each row's attention weights (any per-row array, e.g. [M, heads,
+N]); the search carries every surviving beam's weights along with its tokens (reordered, dropped and finished
+with them) and returns those of the chosen caption: ``DecodeResult.attention``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Candidates", "DecodeResult", "beam_search", "greedy", "is_greedy", "length_penalty_fn", "search"]
+__all__ = [
+    "Candidates",
+    "DecodeResult",
+    "NonFiniteError",
+    "beam_search",
+    "greedy",
+    "is_greedy",
+    "length_penalty_fn",
+    "search",
+]
 
 UNK_PENALTY = 1000.0
 # Running sum given to a beam once it is finished, so that it stops being continued in practice.
@@ -48,6 +61,27 @@ Step = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
 Gather = Callable[[Any, np.ndarray], Any]
 
 
+class NonFiniteError(ValueError):
+    """The decoder gave NaN or infinite log-probabilities for some images (typically features of a magnitude the
+    model cannot handle). ``images``: their positions in the batch."""
+
+    def __init__(self, images, message: str | None = None):
+        self.images = sorted({int(i) for i in images})
+        super().__init__(
+            message
+            or f"the decoder's log-probabilities are not finite (NaN or inf) for the image(s) at batch position(s) "
+            f"{self.images}: their features are out of the range this model handles"
+        )
+
+
+def _check_finite(chosen: np.ndarray, images: np.ndarray) -> None:
+    """``chosen``: each row's best log-prob (NaN ranks first, so a row with any NaN shows it here); ``images``: the
+    batch position of each row."""
+    bad = ~np.isfinite(chosen)
+    if bad.any():
+        raise NonFiniteError(images[bad])
+
+
 @dataclass
 class DecodeResult:
     """seqs: int64 [B, max_length], the caption ends at the first 0 (EOS), zeros after it.
@@ -58,6 +92,9 @@ class DecodeResult:
     done_*: only with beam_search(return_done=True): every finished beam of each image, best first (the
         reference's ``done_beams`` before it keeps the top K); slots past done_counts[b] score -inf.
     n_steps: decoder steps run, BOS step included.
+    attention: only with ``return_attention``: float32 [B, max_length, ...], the step's attention weights (the
+        step's per-row array, e.g. [heads, regions]) for each chosen token of the caption (the EOS's at its
+        position), zeros after it.
     """
 
     seqs: np.ndarray
@@ -67,6 +104,21 @@ class DecodeResult:
     done_scores: np.ndarray | None = None  # float64 [B, K * max_length]
     done_counts: np.ndarray | None = None  # int64 [B]
     n_steps: int = 0
+    attention: np.ndarray | None = None
+
+
+def _run_step(step: Step, it: np.ndarray, ctx: Any, with_attention: bool) -> tuple[Any, Any, np.ndarray | None]:
+    """(logprobs, ctx, attention or None): a step returns a third result, the rows' attention, when asked."""
+    if not with_attention:
+        logprobs, ctx = step(it, ctx)
+        return logprobs, ctx, None
+    logprobs, ctx, attention = step(it, ctx)
+    attention = np.asarray(attention, dtype=np.float32)
+    if attention.ndim < 1 or attention.shape[0] != len(it):
+        raise ValueError(
+            f"the step returned attention of shape {attention.shape} for {len(it)} rows (one row per decoder row)"
+        )
+    return logprobs, ctx, attention
 
 
 @dataclass
@@ -145,7 +197,8 @@ def _topk(x: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray, n
         return np.take_along_axis(x, idx, axis=1), idx
     rows = np.arange(n)
     if k <= 8:
-        # k passes of argmax (first maximum = lowest index among ties): ~10x faster than argpartition.
+        # k passes of argmax (first maximum = lowest index among ties): faster than argpartition for small k
+        # (docs/benchmarks.md).
         work = x if overwrite else x.copy()
         idx = np.empty((n, k), dtype=np.int64)
         vals = np.empty((n, k), dtype=x.dtype)
@@ -220,6 +273,7 @@ def beam_search(
     early_stop: bool = True,
     suppress_unk: bool = True,
     return_done: bool = False,
+    return_attention: bool = False,
 ) -> DecodeResult:
     """Beam search over ``batch_size`` images with ``beam_size`` beams each (the authors' semantics, batched).
 
@@ -241,6 +295,9 @@ def beam_search(
         every beam.
     return_done: also return every finished beam (with early_stop, only those found before the image
         stopped).
+    return_attention: ``step`` returns (logprobs, ctx, attention); the result's ``attention`` holds the weights
+        of the chosen caption's tokens (each live beam carries its own history; of the finished ones, only the
+        best so far per image is kept, with the same tie rule as the final choice).
     """
     batch, k_beams, max_len = int(batch_size), int(beam_size), int(max_length)
     if batch < 1 or k_beams < 1 or max_len < 1:
@@ -252,7 +309,7 @@ def beam_search(
     )
 
     n_rows = batch * k_beams
-    logprobs, ctx = step(np.zeros(n_rows, dtype=np.int64), ctx)
+    logprobs, ctx, att = _run_step(step, np.zeros(n_rows, dtype=np.int64), ctx, return_attention)
     n_steps = 1
     vocab1 = logprobs.vocab_size if isinstance(logprobs, Candidates) else np.shape(logprobs)[1]
     if k_beams > vocab1:
@@ -272,6 +329,14 @@ def beam_search(
     done_n = np.zeros(batch, dtype=np.int64)
     best_p = np.full(batch, -np.inf)
     k_range = np.arange(k_beams)
+    if return_attention:
+        # each row's weights at every step so far; of the finished beams only the best so far per image: the
+        # final choice is the highest p, the earliest slot among equals, so a later beam replaces the kept one
+        # only with a strictly higher p
+        seq_att = np.zeros((n_rows, max_len, *att.shape[1:]), dtype=np.float32)
+        best_att = np.zeros((batch, max_len, *att.shape[1:]), dtype=np.float32)
+        best_att_p = np.full(batch, -np.inf)
+        has_att = np.zeros(batch, dtype=bool)
 
     constraints = block_trigrams or bad_ids is not None
     for t in range(max_len):
@@ -289,6 +354,7 @@ def beam_search(
                 lp[:, unk] -= lp.dtype.type(UNK_PENALTY)
             ys, ix = _topk(lp[rows_t], k_beams, overwrite=True)  # row q's top words by rank c
             rv = np.take_along_axis(raw[rows_t], ix, axis=1)  # their raw log-probs
+        _check_finite(rv[:, 0], active if t == 0 else np.repeat(active, k_beams))
 
         if t == 0:  # [n_img, K]
             cand, words_by_flat, raw_by_flat = sums[:, :1] + ys, ix, rv
@@ -307,6 +373,9 @@ def beam_search(
         seq_lp = seq_lp[src]
         seq[:, t] = words
         seq_lp[:, t] = np.take_along_axis(raw_by_flat, pick, axis=1).reshape(-1)
+        if return_attention:
+            seq_att = seq_att[src]
+            seq_att[:, t] = att[src]  # the weights of the step that chose word t, from the beam it extends
         if not np.array_equal(src, np.arange(src.size)):
             ctx = reorder(ctx, src)
 
@@ -327,6 +396,17 @@ def beam_search(
             done_p[img, slot] = p
             done_seq[img, slot] = fseq
             done_lp[img, slot] = flp
+            if return_attention:
+                # per image, this step's first beam with the highest p (slot order), if it beats the kept one
+                fp = np.broadcast_to(p, img.shape)
+                order = np.lexsort((np.arange(img.size), -fp, img))
+                first = order[np.r_[True, img[order][1:] != img[order][:-1]]]
+                win = first[~has_att[img[first]] | (fp[first] > best_att_p[img[first]])]
+                fatt = seq_att[rows[win]]
+                fatt[after_eos[win]] = 0.0
+                best_att[img[win]] = fatt
+                best_att_p[img[win]] = fp[win]
+                has_att[img[win]] = True
             done_n[active] += finished.sum(axis=1)
             np.maximum.at(best_p, img, p)
             sums[finished] = FINISHED_SUM
@@ -343,8 +423,10 @@ def beam_search(
                 rows = (live[:, None] * k_beams + k_range).reshape(-1)
                 ctx = keep(ctx, rows)
                 active, sums, seq, seq_lp = active[live], sums[live], seq[rows], seq_lp[rows]
+                if return_attention:
+                    seq_att = seq_att[rows]
 
-        logprobs, ctx = step(np.ascontiguousarray(seq[:, t]), ctx)
+        logprobs, ctx, att = _run_step(step, np.ascontiguousarray(seq[:, t]), ctx, return_attention)
         n_steps += 1
 
     order = np.argsort(-done_p, axis=1, kind="stable")
@@ -355,6 +437,7 @@ def beam_search(
         scores=done_p[b_range, first],
         logprobs=done_lp[b_range, first],
         n_steps=n_steps,
+        attention=best_att if return_attention else None,
     )
     if return_done:
         result.done_seqs = np.take_along_axis(done_seq, order[:, :, None], axis=1)
@@ -371,10 +454,12 @@ def greedy(
     block_trigrams: bool = False,
     bad_ending_ids: np.ndarray | list[int] | None = None,
     keep: Gather | None = None,
+    return_attention: bool = False,
 ) -> DecodeResult:
     """Greedy decoding (the reference's ``_sample`` with sample_method='greedy'): argmax each step, no UNK
     suppression; a row is finished once it emits 0. With ``keep``, finished rows are dropped from ``ctx``;
-    otherwise they are fed 0 until every row is finished. Scores are the summed raw log-probs incl. EOS."""
+    otherwise they are fed 0 until every row is finished. Scores are the summed raw log-probs incl. EOS.
+    ``return_attention``: as for ``beam_search``."""
     batch, max_len = int(batch_size), int(max_length)
     bad_ids = (
         None if bad_ending_ids is None or len(bad_ending_ids) == 0 else np.asarray(bad_ending_ids, np.int64)
@@ -388,8 +473,9 @@ def greedy(
     it = np.zeros(batch, dtype=np.int64)
     n_steps = 0
     constraints = block_trigrams or bad_ids is not None
+    seq_att = None
     for t in range(max_len):
-        logprobs, ctx = step(it, ctx)
+        logprobs, ctx, att = _run_step(step, it, ctx, return_attention)
         n_steps += 1
         if isinstance(logprobs, Candidates):
             if constraints:
@@ -404,10 +490,15 @@ def greedy(
                 _apply_constraints(lp, seqs[rows], t, block_trigrams, bad_ids)
             words = lp.argmax(axis=1)
             chosen = raw[np.arange(words.size), words]
+        _check_finite(chosen[alive], rows[alive])
         out = rows[alive]
         seqs[out, t] = words[alive]
         seq_lp[out, t] = chosen[alive]
         scores[out] += chosen[alive]
+        if return_attention:
+            if seq_att is None:
+                seq_att = np.zeros((batch, max_len, *att.shape[1:]), dtype=np.float32)
+            seq_att[out, t] = att[alive]
         alive &= words != 0
         if not alive.any():
             break
@@ -417,7 +508,7 @@ def greedy(
             rows, words = rows[live], words[live]
             alive = np.ones(live.size, dtype=bool)
         it = np.where(alive, words, 0)
-    return DecodeResult(seqs=seqs, scores=scores, logprobs=seq_lp, n_steps=n_steps)
+    return DecodeResult(seqs=seqs, scores=scores, logprobs=seq_lp, n_steps=n_steps, attention=seq_att)
 
 
 def is_greedy(beam_size: int, greedy_unk: bool = True) -> bool:
@@ -436,14 +527,19 @@ def search(
     max_length: int = 20,
     greedy_unk: bool = True,
     unk_idx: int | None = None,
+    return_attention: bool = False,
     **options,
 ) -> DecodeResult:
     """What both backends' ``decode`` run: ``greedy`` when ``is_greedy(beam_size, greedy_unk)`` (given only the
     GREEDY_OPTIONS among ``options``), else ``beam_search``. ``ctx`` must already have 1 row per image for greedy,
-    ``beam_size`` for beam search."""
+    ``beam_size`` for beam search. ``return_attention``: ``step`` returns the rows' attention as a third result,
+    and the result carries the chosen caption's (``DecodeResult.attention``)."""
     if is_greedy(beam_size, greedy_unk):
         chosen = {name: value for name, value in options.items() if name in GREEDY_OPTIONS}
-        return greedy(step, ctx, batch_size, max_length=max_length, keep=keep, **chosen)
+        return greedy(
+            step, ctx, batch_size, max_length=max_length, keep=keep, return_attention=return_attention, **chosen
+        )
     return beam_search(
-        step, reorder, keep, ctx, batch_size, beam_size, max_length=max_length, unk_idx=unk_idx, **options
+        step, reorder, keep, ctx, batch_size, beam_size, max_length=max_length, unk_idx=unk_idx,
+        return_attention=return_attention, **options
     )

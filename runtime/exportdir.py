@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aoanet_runtime.contract import DECODER, ENCODER, MANIFEST, READABLE_FORMAT_VERSIONS
 
-__all__ = ["ExportDirError", "load_manifest", "read_model", "sha256_bytes"]
+__all__ = ["ExportDirError", "load_manifest", "read_model", "sha256_bytes", "sha256_file"]
 
 
 class ExportDirError(RuntimeError):
@@ -19,6 +19,14 @@ class ExportDirError(RuntimeError):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_manifest(export_dir: str | os.PathLike) -> dict:

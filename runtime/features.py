@@ -2,12 +2,18 @@
 
 Two layouts are read:
 
-* the reference's (``aoanet-reference.md`` §2.3): ``DATA_DIR/cocotalk.json`` lists the images (``id``,
+* the authors' (docs/data.md, "Formats"): ``DATA_DIR/cocotalk.json`` lists the images (``id``,
   ``split``) and ``DATA_DIR/cocobu_att/<id>.npz`` holds each one's regions (key ``feat``, (K, F) float32);
 * a plain folder of ``<id>.npz`` (key ``feat``) or ``<id>.npy`` files, one (K, F) array per image.
 
 Only numpy here (the runtime never imports the training package). Every error is a ``FeatureError`` naming the
 file and the image id.
+
+Bounds (docs/robustness.md): an image may have at most ``max_regions`` regions (default 1000; detectors give
+10-100), checked from the file's header before anything is decoded; and batches are planned so that the estimated
+working memory of each (``MemoryModel``, which grows with the square of the region count through the refiner's
+self-attention) stays under ``max_batch_bytes`` (default 2 GiB): images with many regions are decoded in smaller
+batches.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import numpy as np
 
 INPUT_JSON = "cocotalk.json"
 ATT_DIR = "cocobu_att"
+BOX_DIR = "cocobu_box"  # beside ATT_DIR: each image's regions as boxes, (K, 4) x1 y1 x2 y2 in pixels
 FEAT_KEY = "feat"
 SPLITS = ("train", "val", "test", "restval", "all")
+DEFAULT_MAX_REGIONS = 1000
+DEFAULT_MAX_BATCH_BYTES = 2 * 2**30
 
 
 class FeatureError(ValueError):
@@ -160,9 +169,19 @@ def _header(f) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
-def region_count(image: ImageFile, width: int | None = None) -> int:
+def check_regions(count: int, where: str, max_regions: int | None) -> int:
+    if max_regions is not None and count > max_regions:
+        raise FeatureError(
+            f"{where}: {count} regions, over the limit of {max_regions} per image (detectors give 10-100; memory "
+            "grows with the square of the region count); raise it with --max-regions if this is intended"
+        )
+    return count
+
+
+def region_count(image: ImageFile, width: int | None = None, max_regions: int | None = DEFAULT_MAX_REGIONS) -> int:
     """The region count of an image's file, from its header only (no decompression); checks the file is
-    there, has the right key, shape and width. Fast enough to check a whole split before decoding."""
+    there, has the right key, shape and width, and at most ``max_regions`` regions (None: no limit). Fast enough to
+    check a whole split before decoding."""
     path, where = image.path, _where(image.path, image.image_id)
     with _reading(where):
         if path.suffix == ".npz":
@@ -175,7 +194,7 @@ def region_count(image: ImageFile, width: int | None = None) -> int:
         else:
             with open(path, "rb") as f:
                 shape, dtype = _header(f)
-    return _check_shape(shape, dtype, where, width)
+    return check_regions(_check_shape(shape, dtype, where, width), where, max_regions)
 
 
 def read_features(image: ImageFile, width: int | None = None) -> np.ndarray:
@@ -200,16 +219,103 @@ def read_features(image: ImageFile, width: int | None = None) -> np.ndarray:
     return feat
 
 
+# ---------------------------------------------------------------------------------------------- boxes
+def box_path(image: ImageFile) -> Path:
+    """Where an image's region boxes are in the reference layout: ``<id>.npy`` in the folder ``cocobu_box`` beside
+    the folder of its features (DATA/cocobu_att/<id>.npz -> DATA/cocobu_box/<id>.npy)."""
+    return image.path.parent.parent / BOX_DIR / f"{image.path.stem}.npy"
+
+
+def check_boxes(image: ImageFile, regions: int) -> Path | None:
+    """The path of the image's box file (``box_path``) after checking its header: (regions, 4), floating point;
+    None when there is no such file. A file that is there but malformed is a FeatureError naming it."""
+    path = box_path(image)
+    if not path.is_file():
+        return None
+    where = _where(path, image.image_id)
+    with _reading(where):
+        with open(path, "rb") as f:
+            shape, dtype = _header(f)
+    if tuple(shape) != (regions, 4) or not np.issubdtype(dtype, np.floating):
+        raise FeatureError(
+            f"{where}: boxes of shape {tuple(shape)} ({dtype}); the image has {regions} regions, so ({regions}, 4) "
+            "floats (x1 y1 x2 y2) are expected"
+        )
+    return path
+
+
+def read_boxes(image: ImageFile, regions: int) -> np.ndarray:
+    """float64 (regions, 4) boxes of an image (``check_boxes`` first), checked finite."""
+    path = box_path(image)
+    where = _where(path, image.image_id)
+    with _reading(where):
+        boxes = np.load(path, allow_pickle=False)
+    if not isinstance(boxes, np.ndarray) or boxes.shape != (regions, 4) or not np.isfinite(boxes).all():
+        raise FeatureError(f"{where}: boxes must be ({regions}, 4) finite numbers")
+    return boxes.astype(np.float64)
+
+
 # ---------------------------------------------------------------------------------------------- batches
-def batch_plan(region_counts: Sequence[int], batch_size: int) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class MemoryModel:
+    """An estimate of the working memory of captioning a batch (encoder and beam search), from the model's sizes.
+
+    Per image padded to N regions: 4 bytes x (N x (F + 24 R) for the region features and the refiner's activations,
+    + 3 x heads x N^2 for the self-attention scores); per batch, 16 MB more (kernels' scratch space). The factors come
+    from peaks measured on a full-size model with both backends (``scripts/bench_memory.py``, docs/robustness.md),
+    the Paddle dynamic graph being the larger."""
+
+    BATCH_BYTES = 16 * 2**20
+
+    att_feat_size: int
+    rnn_size: int
+    num_heads: int
+
+    def image_bytes(self, regions: int) -> int:
+        n = int(regions)
+        return 4 * (n * (self.att_feat_size + 24 * self.rnn_size) + 3 * self.num_heads * n * n)
+
+    def batch_bytes(self, images: int, regions: int) -> int:
+        return self.BATCH_BYTES + int(images) * self.image_bytes(regions)
+
+
+def batch_plan(
+    region_counts: Sequence[int],
+    batch_size: int,
+    memory: MemoryModel | None = None,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+) -> list[np.ndarray]:
     """Split images into batches of at most ``batch_size``, grouping similar region counts (stable sort, most
-    regions first) so that padding wastes little; each batch is an int64 array of positions. Both backends of
-    ``aoanet-infer`` decode the same batches."""
+    regions first) so that padding wastes little; each batch is an int64 array of positions. With ``memory``, a
+    batch also holds no more images than fit in ``max_batch_bytes`` at its (largest) region count; an image that
+    alone exceeds it is an error naming its position. Both backends of ``aoanet-infer`` decode the same batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     counts = np.asarray(region_counts, dtype=np.int64)
     order = np.argsort(-counts, kind="stable")
-    return [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+    batches, start = [], 0
+    while start < order.size:
+        size = batch_size
+        if memory is not None:
+            regions = int(counts[order[start]])
+            per_image = memory.image_bytes(regions)
+            if memory.batch_bytes(1, regions) > max_batch_bytes:
+                raise BatchMemoryError(int(order[start]), regions, memory.batch_bytes(1, regions), max_batch_bytes)
+            size = max(1, min(batch_size, (max_batch_bytes - memory.BATCH_BYTES) // per_image))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+class BatchMemoryError(FeatureError):
+    """One image needs more working memory than a batch may use (``position``: its index in the input)."""
+
+    def __init__(self, position: int, regions: int, needed: int, limit: int):
+        self.position = position
+        super().__init__(
+            f"image #{position}: {regions} regions need ~{needed / 2**20:.0f} MB of working memory, over the batch "
+            f"limit of {limit / 2**20:.0f} MB (--max-batch-mb)"
+        )
 
 
 def pad_batch(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

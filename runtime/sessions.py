@@ -129,3 +129,10 @@ def has_input(session, name: str) -> bool:
     if hasattr(session, "get_overridable_initializers"):
         names |= {i.name for i in session.get_overridable_initializers()}
     return name in names
+
+
+def has_output(session, name: str) -> bool:
+    """Does the session have the output ``name``? (False for a session-like object without ``get_outputs``)"""
+    if not hasattr(session, "get_outputs"):
+        return False
+    return name in {o.name for o in session.get_outputs()}

@@ -50,6 +50,19 @@ def _strip_bad_endings(words: list[str]) -> list[str]:
     return words[:end] if end > 0 else words
 
 
+def caption_tokens(ix_to_word: Mapping[str, str], seq: Iterable[int], remove_bad_endings: bool = False) -> list[str]:
+    """The vocabulary words of one caption's tokens, up to the first 0 (EOS/pad), with trailing bad endings removed
+    as ``decode_sequence`` removes them: token t of the result is the caption's t-th token (its attention is row t
+    of the search's ``attention``)."""
+    words = []
+    for ix in seq:
+        ix = int(ix)
+        if ix <= 0:
+            break
+        words.append(ix_to_word[str(ix)])
+    return _strip_bad_endings(words) if remove_bad_endings else words
+
+
 def decode_sequence(
     ix_to_word: Mapping[str, str],
     seqs: Iterable[Iterable[int]] | np.ndarray,
@@ -59,15 +72,6 @@ def decode_sequence(
 
     BPE continuation marks (``"@@ "``) are merged as in the reference.
     """
-    out = []
-    for row in seqs:
-        words = []
-        for ix in row:
-            ix = int(ix)
-            if ix <= 0:
-                break
-            words.append(ix_to_word[str(ix)])
-        if remove_bad_endings:
-            words = _strip_bad_endings(words)
-        out.append(" ".join(words).replace("@@ ", ""))
-    return out
+    return [
+        " ".join(caption_tokens(ix_to_word, row, remove_bad_endings)).replace("@@ ", "") for row in seqs
+    ]

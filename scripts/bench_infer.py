@@ -255,17 +255,15 @@ def ensure_export(work: Path) -> Path:
     import paddle
 
     from aoanet.model import build_model
-    from aoanet.train.checkpoint import atomic_paddle_save, write_model_json
+    from aoanet.train.checkpoint import save_model_dir
     from aoanet_export import export_checkpoint
 
     checkpoint = work / "checkpoint"
-    if not (checkpoint / "model.pdparams").is_file():
-        checkpoint.mkdir(parents=True, exist_ok=True)
+    if not (checkpoint / "checkpoint.json").is_file():
         paddle.seed(0)
         model = build_model(V)
         model.eval()
-        write_model_json(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
-        atomic_paddle_save(model.state_dict(), checkpoint / "model.pdparams")
+        save_model_dir(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
     print(f"exporting a random full-size model to {export_dir} (fp32 + int8) ...", flush=True)
     export_checkpoint(checkpoint, export_dir, force=True, int8=True)
     return export_dir
@@ -451,9 +449,9 @@ def main() -> int:
         )
 
     # 8. Paddle static graph (paddle.inference) through the same captioner code. Last: running a paddle.inference
-    # predictor leaves the process's math library on 1 thread, and the dynamic graph then runs ~35% slower
-    # (measured: 15.1 -> 9.5-9.9 images/s; paddle.base.core.set_num_threads restores it), which would flatter every
-    # ratio to the dynamic graph.
+    # predictor leaves the process's math library on 1 thread, and the dynamic graph then runs markedly slower
+    # (paddle.base.core.set_num_threads restores it; docs/benchmarks.md), which would flatter every ratio to the
+    # dynamic graph.
     from aoanet_export.static import StaticFiles
     from aoanet_runtime.contract import DECODER_OUTPUTS, ENCODER_OUTPUTS
 

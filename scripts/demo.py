@@ -1,19 +1,27 @@
-"""The whole pipeline on the embedded dataset, with the project's own commands (what `make demo` runs).
+"""The whole pipeline on the embedded dataset drawn as pictures, with the project's own commands (`make demo`).
 
-synth -> prepro -> ngrams -> nearest-neighbour baseline -> XE -> eval -> SCST -> eval -> export (fp32 + int8) ->
-ONNX inference vs Paddle inference, and int8 vs fp32 ONNX inference. Prints a table and writes
-artifacts/demo/report.json. Everything lives under artifacts/demo/; the dataset is generated once and reused, the
-checkpoints and the export are made anew on every run.
+synth --render (the scenes as JPEG pictures) -> an EfficientNet-Lite0 extractor (ImageNet weights) -> extract ->
+prepro -> ngrams -> nearest-neighbour baseline -> XE -> eval -> SCST -> eval -> export (fp32 + int8, with the
+extractor) -> ONNX inference vs Paddle inference on the features, int8 vs fp32, and captioning the test split's
+picture files (aoanet-infer --images) with onnxruntime and with Paddle, and where the model looked for one test
+picture (aoanet-infer --attention). Prints a table and writes artifacts/demo/report.json (with each stage's
+wall-clock and CPU seconds and the machine's load), artifacts/demo/captions.png and artifacts/demo/attention.png.
+Everything lives under artifacts/demo/; the pictures, the extractor and the features are made once and reused, the
+checkpoints and the export anew on every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import resource
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from aoanet.cpu import configure_math_library
@@ -21,8 +29,43 @@ from aoanet.cpu import configure_math_library
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "artifacts" / "demo"
 DATA = DEMO / "data"
+EXTRACTOR = DEMO / "extractor"
 BIN = Path(sys.executable).parent
 METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+STAGES: dict = {}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (the commands it ran)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+@contextmanager
+def stage(name: str):
+    """Record a stage's wall-clock and CPU seconds and the 1-minute load average at its end: on a machine shared
+    with other jobs the wall clock stretches, the CPU seconds much less."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    yield
+    STAGES[name] = {
+        "seconds": round(time.perf_counter() - wall, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu, 1),
+        "load_1min": _load(),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run(*args, **kwargs):
@@ -36,8 +79,20 @@ def read_json(path):
 
 
 def stage_data(images: int):
-    if not (DATA / "dataset_coco.json").is_file():
-        run("aoanet-data", "synth", "--out", DATA, "--images", images)
+    dataset = DATA / "dataset_coco.json"
+    if dataset.is_file() and not read_json(dataset).get("rendered"):
+        # a data directory of the earlier, feature-only demo: its features are not the pictures' (start again)
+        shutil.rmtree(DATA)
+    if not dataset.is_file():
+        run("aoanet-data", "synth", "--out", DATA, "--images", images, "--render")
+    if not (EXTRACTOR / "extractor.json").is_file():
+        run("aoanet-data", "extractor", "--backbone", "efficientnet_lite0", "--out", EXTRACTOR)
+    # resumable: a re-run extracts only what is missing
+    run("aoanet-data", "extract", "--images", DATA / "images", "--extractor", EXTRACTOR, "--out", DATA,
+        "--no-progress")
+
+
+def stage_labels():
     run(
         "aoanet-data",
         "prepro",
@@ -147,6 +202,84 @@ def infer_int8(export_dir: Path, beam_size: int, beam_sizes=(1, 2, 3), out_dir: 
     }
 
 
+def test_pictures() -> list[dict]:
+    dataset = read_json(DATA / "dataset_coco.json")
+    return [img for img in dataset["images"] if img["split"] == "test"]
+
+
+def infer_images(export_dir: Path, checkpoint: Path, beam_size: int) -> dict:
+    """The test split's picture files captioned by aoanet-infer --images with onnxruntime and with Paddle (the
+    same extractor graph feeds both): CIDEr, equality of the two backends' captions and with the captions of the
+    extracted features (infer_parity's files), and the end-to-end rate (files -> captions, incl. process start)."""
+    from aoanet.evaluation import evaluate_predictions, load_references
+
+    listing = DEMO / "test_images.txt"
+    listing.write_text("".join(f"{DATA / img['filepath'] / img['filename']}\n" for img in test_pictures()))
+    outs, seconds = {}, {}
+    for backend, where in (("onnx", ["--model", export_dir]), ("paddle", ["--checkpoint", checkpoint])):
+        outs[backend] = DEMO / f"infer_images_{backend}_b{beam_size}.json"
+        t = time.perf_counter()
+        run("aoanet-infer", "--backend", backend, *where, "--images", listing, "--beam-size", beam_size,
+            "--out", outs[backend], "--no-progress")
+        seconds[backend] = time.perf_counter() - t
+    onnx_caps = {p["image_id"]: p["caption"] for p in read_json(outs["onnx"])}
+    paddle_caps = {p["image_id"]: p["caption"] for p in read_json(outs["paddle"])}
+    feature_caps = {p["image_id"]: p["caption"] for p in read_json(DEMO / f"infer_onnx_b{beam_size}.json")}
+    if set(onnx_caps) != set(paddle_caps) or set(onnx_caps) != set(feature_caps):
+        raise SystemExit("the picture and feature runs captioned different images")
+    preds = [{"image_id": i, "caption": c} for i, c in onnx_caps.items()]
+    metrics = evaluate_predictions(preds, load_references(DATA / "dataset_coco.json"), spice=False)
+    return {
+        "beam_size": beam_size,
+        "images": len(onnx_caps),
+        "CIDEr": metrics["CIDEr"],
+        "metrics": {k: metrics[k] for k in METRICS},
+        "captions_equal_paddle": sum(onnx_caps[i] == paddle_caps[i] for i in onnx_caps) / len(onnx_caps),
+        "captions_equal_features": sum(onnx_caps[i] == feature_caps[i] for i in onnx_caps) / len(onnx_caps),
+        "images_per_s": {b: len(onnx_caps) / s for b, s in seconds.items()},
+        "images_per_s_note": "files -> captions incl. process start (decode, pre-process, extract, caption)",
+    }
+
+
+def attention_picture(export_dir: Path, beam_size: int) -> dict:
+    """aoanet-infer --attention on the first test picture: its attention picture copied to
+    artifacts/demo/attention.png (docs/attention.md shows one)."""
+    picture = test_pictures()[0]
+    path = DATA / picture["filepath"] / picture["filename"]
+    out_dir = DEMO / "attention"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    run("aoanet-infer", "--model", export_dir, "--images", path, "--beam-size", beam_size, "--out",
+        DEMO / "attention_captions.json", "--attention", out_dir, "--no-progress")
+    record = read_json(out_dir / f"{path.stem}.json")
+    shutil.copyfile(out_dir / f"{path.stem}.png", DEMO / "attention.png")
+    return {"image_id": record["image_id"], "caption": record["caption"], "grid": record["grid"],
+            "heads": record["heads"], "picture": str((DEMO / "attention.png").relative_to(ROOT))}
+
+
+def captions_figure(captions_json: Path, out: Path, count: int = 16) -> None:
+    """16 test pictures with their generated captions, 4 x 4."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    results = read_json(captions_json)[:count]
+    fig, axes = plt.subplots(4, 4, figsize=(16, 14))
+    for ax, r in zip(axes.ravel(), results):
+        ax.imshow(Image.open(r["file_name"]))
+        ax.set_title("\n".join(textwrap.wrap(r["caption"], 38)), fontsize=10)
+        ax.axis("off")
+    for ax in axes.ravel()[len(results):]:
+        ax.axis("off")
+    fig.suptitle("AoANet on EfficientNet-Lite0 grid features: test pictures (aoanet-infer --images, onnxruntime)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=60)
+    plt.close(fig)
+
+
 def captioning_speed(export_dir: Path, beam_size: int, repeats: int = 3) -> dict:
     from aoanet_runtime import Captioner
     from aoanet_runtime.features import list_images, read_features
@@ -183,6 +316,15 @@ def table(report: dict) -> str:
             f"infer: captions equal to paddle = {i['captions_equal_paddle']:.3f} "
             f"({i['images_compared']} captions), {i['images_per_s']:.1f} images/s"
         )
+        if "images" in i:
+            m = i["images"]
+            lines.append(
+                f"infer --images: CIDEr {m['CIDEr']:.3f} (beam {m['beam_size']}), captions equal to paddle = "
+                f"{m['captions_equal_paddle']:.3f}, to the features' = {m['captions_equal_features']:.3f}"
+            )
+        if "attention" in report:
+            a = report["attention"]
+            lines.append(f"attention: image {a['image_id']} \"{a['caption']}\" -> {a['picture']}")
         if "int8" in i:
             q = i["int8"]
             lines.append(
@@ -205,30 +347,54 @@ def main():
     DEMO.mkdir(parents=True, exist_ok=True)
     for stale in ("xe", "scst", "export"):
         shutil.rmtree(DEMO / stale, ignore_errors=True)
-    report: dict = {"dataset": {"images": args.images, "dir": str(DATA.relative_to(ROOT))}}
+    report: dict = {
+        "dataset": {"images": args.images, "dir": str(DATA.relative_to(ROOT)), "pictures": "rendered scenes"},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_1min_at_start": _load()},
+    }
 
-    stage_data(args.images)
-    report["baseline_nn"] = {k: v for k, v in baseline_nn().items() if k in METRICS}
+    with stage("pictures_and_features"):
+        stage_data(args.images)
+    report["extractor"] = {
+        k: read_json(EXTRACTOR / "extractor.json")[k] for k in ("backbone", "layer", "size", "feature_width")
+    }
+    with stage("labels"):
+        stage_labels()
+    with stage("baseline_nn"):
+        report["baseline_nn"] = {k: v for k, v in baseline_nn().items() if k in METRICS}
 
-    run("aoanet-train", "xe", "--config", "configs/demo.yml")
-    report["xe"] = evaluate(DEMO / "xe", "xe", args.beam_size)
+    with stage("xe"):
+        run("aoanet-train", "xe", "--config", "configs/demo.yml")
+        report["xe"] = evaluate(DEMO / "xe", "xe", args.beam_size)
     final = DEMO / "xe"
     if not args.skip_scst:
-        run("aoanet-train", "scst", "--config", "configs/demo_rl.yml", "--start-from", DEMO / "xe")
-        report["scst"] = evaluate(DEMO / "scst", "scst", args.beam_size)
+        with stage("scst"):
+            run("aoanet-train", "scst", "--config", "configs/demo_rl.yml", "--start-from", DEMO / "xe")
+            report["scst"] = evaluate(DEMO / "scst", "scst", args.beam_size)
         final = DEMO / "scst"
         report["scst_vs_xe_cider"] = report["scst"]["CIDEr"] / report["xe"]["CIDEr"]
     report["xe_vs_baseline_cider"] = report["xe"]["CIDEr"] / report["baseline_nn"]["CIDEr"]
 
-    run("aoanet-export", "--checkpoint", final, "--out", DEMO / "export", "--force", "--int8")
+    with stage("export"):
+        run("aoanet-export", "--checkpoint", final, "--out", DEMO / "export", "--force", "--int8")
     parity = read_json(DEMO / "export" / "parity.json")
     report["export"] = {"max_abs_diff_logprobs": parity["max_abs_diff_logprobs"], "checkpoint": final.name}
-    report["infer"] = infer_parity(DEMO / "export", final)
-    report["infer"]["int8"] = infer_int8(DEMO / "export", args.beam_size)
+    with stage("infer_features"):
+        report["infer"] = infer_parity(DEMO / "export", final)
+        report["infer"]["int8"] = infer_int8(DEMO / "export", args.beam_size)
+    with stage("infer_images"):
+        report["infer"]["images"] = infer_images(DEMO / "export", final, args.beam_size)
+        captions_figure(DEMO / f"infer_images_onnx_b{args.beam_size}.json", DEMO / "captions.png")
+    with stage("attention"):
+        report["attention"] = attention_picture(DEMO / "export", args.beam_size)
+    report["stages"] = STAGES
+    report["machine"]["load_1min_at_end"] = _load()
     report["seconds"] = round(time.time() - started, 1)
 
     (DEMO / "report.json").write_text(json.dumps(report, indent=1))
     print("\n" + table(report))
+    print("\nstages (wall s / CPU s / load): " + ", ".join(
+        f"{k} {v['seconds']:.0f}/{v['cpu_seconds']:.0f}/{v['load_1min']:.1f}" for k, v in STAGES.items()
+    ))
     print(f"\nreport: {DEMO / 'report.json'}  ({report['seconds']:.0f} s)")
 
 

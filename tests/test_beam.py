@@ -698,3 +698,101 @@ def test_candidates_top_equals_the_full_search_ranking():
             np.testing.assert_array_equal(ids, want_ids)
             np.testing.assert_array_equal(scores, want_scores)
             np.testing.assert_array_equal(raw, np.take_along_axis(lp, want_ids, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention carried by the search
+
+
+class AttentiveToy(ToyRNN):
+    """ToyRNN whose step also returns per-row "attention": softmax over 5 regions of the new state, for 2 heads,
+    a deterministic function of the row's history, so that the right weights for a token can be recomputed."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.wa = np.random.default_rng(99).normal(size=(2, self.hidden, 5))
+
+    def weights(self, h: np.ndarray) -> np.ndarray:
+        scores = np.einsum("mh,khn->mkn", h, self.wa)
+        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)  # [M, 2, 5]
+
+    def attentive_step(self, it, ctx):
+        logprobs, ctx = self.step(it, ctx)
+        return logprobs, ctx, self.weights(ctx["h"])
+
+
+def replay_attention(model: AttentiveToy, feat: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """The weights of each token of ``seq`` recomputed by feeding the caption itself (BOS, then its tokens): an
+    independent check of what the search carried. Zeros after the first EOS."""
+    ctx, it = model.init(feat[None]), np.zeros(1, np.int64)
+    out = np.zeros((len(seq), 2, 5), np.float32)
+    for t, token in enumerate(seq):
+        _, ctx, w = model.attentive_step(it, ctx)
+        out[t] = w[0]
+        if token == 0:
+            break
+        it = np.array([token], np.int64)
+    return out
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("beam_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("early_stop", [True, False])
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_beam_search_carries_the_chosen_captions_attention(model_name, beam_size, early_stop, with_keep):
+    model = AttentiveToy(**MODELS[model_name])
+    feats = model.images(6, seed=beam_size + 10)
+    max_length = 12
+    plain = run_beam(model, feats, beam_size, max_length=max_length, early_stop=early_stop)
+    res = beam_search(
+        model.attentive_step, reorder_dict, keep_dict if with_keep else None, model.init(feats, beam_size),
+        len(feats), beam_size, max_length=max_length, early_stop=early_stop, return_attention=True,
+    )
+    # asking for the weights changes nothing else
+    np.testing.assert_array_equal(res.seqs, plain.seqs)
+    np.testing.assert_array_equal(res.scores, plain.scores)
+    assert plain.attention is None
+    assert res.attention.shape == (6, max_length, 2, 5) and res.attention.dtype == np.float32
+    for b in range(len(feats)):
+        np.testing.assert_allclose(res.attention[b], replay_attention(model, feats[b], res.seqs[b]), atol=1e-6)
+        length = int(np.argmax(res.seqs[b] == 0)) + 1 if (res.seqs[b] == 0).any() else max_length
+        np.testing.assert_allclose(res.attention[b, :length].sum(axis=-1), 1.0, atol=1e-5)
+        assert not res.attention[b, length:].any()
+
+
+@pytest.mark.parametrize("length_penalty", ["", "wu_0.7"])
+def test_attention_of_the_chosen_beam_with_ties_and_penalties(length_penalty):
+    """The kept finished beam is the one the final choice takes, also among exactly equal scores ("tied")."""
+    for name in MODELS:
+        model = AttentiveToy(**MODELS[name])
+        feats = model.images(5, seed=4)
+        res = beam_search(
+            model.attentive_step, reorder_dict, keep_dict, model.init(feats, 3), 5, 3, max_length=10,
+            length_penalty=length_penalty, return_attention=True, return_done=True,
+        )
+        for b in range(5):
+            np.testing.assert_array_equal(res.seqs[b], res.done_seqs[b, 0])
+            np.testing.assert_allclose(res.attention[b], replay_attention(model, feats[b], res.seqs[b]), atol=1e-6)
+
+
+def test_greedy_carries_attention_with_and_without_keep():
+    model = AttentiveToy(**MODELS["peaky"])
+    feats = model.images(7, seed=2)
+    for keep in (None, keep_dict):
+        res = greedy(model.attentive_step, model.init(feats), 7, max_length=15, keep=keep, return_attention=True)
+        assert res.attention.shape == (7, 15, 2, 5)
+        for b in range(7):
+            np.testing.assert_allclose(res.attention[b], replay_attention(model, feats[b], res.seqs[b]), atol=1e-6)
+
+
+def test_a_step_returning_attention_of_the_wrong_rows_is_an_error():
+    model = AttentiveToy(**MODELS["smooth"])
+    feats = model.images(2)
+
+    def bad_step(it, ctx):
+        logprobs, ctx, w = model.attentive_step(it, ctx)
+        return logprobs, ctx, w[:1]
+
+    with pytest.raises(ValueError, match="attention of shape"):
+        greedy(bad_step, model.init(feats), 2, max_length=5, return_attention=True)

@@ -1,6 +1,6 @@
 """Importing the authors' PyTorch checkpoints (issue 8): aoanet.convert and aoanet-convert.
 
-The state dicts here are built with the reference names and layouts of aoanet-reference.md §1.6 (PyTorch
+The state dicts here are built with the authors' names and layouts (docs/model.md, "Parameters"; PyTorch
 Linear weights [out, in]); the expected outputs come from a float64 numpy implementation of the reference
 equations written in this file, in that layout: neither the Paddle model nor the converter checks itself.
 """
@@ -8,6 +8,7 @@ equations written in this file, in that layout: neither the Paddle model nor the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import sys
@@ -19,9 +20,9 @@ from typer.testing import CliRunner
 
 from aoanet import convert
 from aoanet.cli import convert as cli
-from aoanet.config import load_config
+from aoanet.config import config_from_text
 from aoanet.convert import ConversionError, UnsafePickleError, model_from_reference
-from aoanet.train.checkpoint import load_model
+from aoanet.train.checkpoint import Checkpoint, load_model
 
 V, R, E, F, LAYERS, HEADS = 25, 32, 40, 24, 2, 4  # V words incl. UNK (index V); V+1 classes
 REL_TOL = 1e-5
@@ -179,7 +180,7 @@ def ref_step(P, it, h, c, mean, p_att, mask, heads=HEADS):
 
 
 def ref_beam_search(P, feats, mask, beam_size, max_length):
-    """The authors' per-image beam search (§4.2) over ref_step -> (seq [max_length], score)."""
+    """The authors' per-image beam search (docs/model.md, "Decoding") over ref_step -> (seq [max_length], score)."""
     k = beam_size
     mean, p_att = ref_encode(P, feats[None], mask[None])
     mean, p_att, mask = np.repeat(mean, k, 0), np.repeat(p_att, k, 0), np.repeat(mask[None], k, 0)
@@ -547,10 +548,12 @@ def test_cli_round_trip(tmp_path, fake_pth):
     result = run_cli("--pytorch", fake_pth, "--infos", tmp_path / "infos_aoanet.pkl", "--out", out)
     assert result.exit_code == 0, result.output
     assert f"V={V} words" in result.output and f"num_heads={HEADS}" in result.output
-    files = {"model.json", "model.pdparams", "model-best.pdparams", "config.yml", "converted_from.json"}
-    assert files <= set(os.listdir(out))
+    ck = Checkpoint.open(out)
+    assert {"model", "weights_last", "weights_best", "config", "converted_from.json"} <= set(ck.manifest["files"])
+    assert ck.path("weights_best") == ck.path("weights_last")  # one weights file, both roles
+    assert json.loads(ck.read("converted_from.json"))["infos_sha256"]
     assert (
-        load_config(out / "config.yml").model_options() == load_model(out)[0].options
+        config_from_text(ck.config_text(), "config").model_options() == load_model(out)[0].options
     )  # read by aoanet-eval
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".ckpt")]  # no temporary dir left
     sd = reference_state_dict()
@@ -589,7 +592,7 @@ def test_cli_refuses_to_replace_a_foreign_dir(tmp_path, fake_pth):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     result = run_cli("--pytorch", fake_pth, "--infos", tmp_path / "infos.pkl", "--out", out, "--force")
-    assert result.exit_code == 1 and "holds no model.json" in result.output
+    assert result.exit_code == 1 and "holds no checkpoint" in result.output
     assert (out / "keep.txt").read_text() == "precious"
 
 

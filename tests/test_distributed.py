@@ -104,6 +104,12 @@ def launch(tmp_path, steps, nproc=2):
     return logs
 
 
+def read_state(directory):
+    from aoanet.train.checkpoint import Checkpoint
+
+    return Checkpoint.open(directory).state()
+
+
 def weights(directory):
     from aoanet.train.checkpoint import load_model
 
@@ -165,7 +171,7 @@ def test_two_ranks_match_one_process_with_the_global_batch(runs):
     r0, r1 = dumped(runs / "two", 0), dumped(runs / "two", 1)
     assert max_diff(r0, r1) == 0.0
     assert max_diff(r0, weights(runs / "two")) == 0.0
-    state = json.loads((runs / "two" / "state.json").read_text())
+    state = read_state(runs / "two")
     assert state["world_size"] == 2
     assert state["epoch"] == 1 and state["finished"]  # crossed the epoch boundary (10 steps an epoch)
     assert sorted(state["rng"]) == ["0", "1"] and state["rng"]["0"] != state["rng"]["1"]
@@ -179,7 +185,7 @@ def test_distributed_resume_is_exact_and_works_across_world_sizes(runs):
     reference = weights(runs / "one")
     assert max_diff(reference, weights(runs / "two_to_one")) <= 1e-5  # 2 ranks -> 1 process
     assert max_diff(reference, weights(runs / "one_to_two")) <= 1e-5  # 1 process -> 2 ranks
-    state = json.loads((runs / "one_to_two" / "state.json").read_text())
+    state = read_state(runs / "one_to_two")
     assert state["world_size"] == 2 and sorted(state["rng"]) == ["0", "1"]
 
 
@@ -192,7 +198,7 @@ def test_distributed_scst_keeps_ranks_in_sync_and_resumes_exactly(runs):
     train = [e for e in events if e["event"] == "train"]
     assert [e["iteration"] for e in train] == [1, 2, 3, 4, 5]
     assert all("reward" in e and "sample_cider" in e for e in train)
-    state = json.loads((runs / "rl" / "state.json").read_text())
+    state = read_state(runs / "rl")
     assert state["rng"]["0"] != state["rng"]["1"]  # per-rank sampling streams
 
 
@@ -206,7 +212,7 @@ def test_nproc_shortcut_starts_the_launcher(data_dir, tmp_path):
     res = CliRunner().invoke(app, ["xe", "-c", str(tmp_path / "c.yml"), "--nproc", "2", "--quiet",
                                    "--set", "train.max_iters=3"])
     assert res.exit_code == 0, res.output
-    state = json.loads((tmp_path / "ck" / "state.json").read_text())
+    state = read_state(tmp_path / "ck")
     assert state["world_size"] == 2 and state["iteration"] == 3 and state["finished"]
     assert [i for i, _ in train_losses(tmp_path / "ck")] == [1, 2, 3]
     assert {p.name for p in (tmp_path / "ck" / "launch").glob("workerlog.*")} == {"workerlog.0", "workerlog.1"}

@@ -14,7 +14,7 @@ import paddle
 import pytest
 
 from aoanet.model import build_model
-from aoanet.train.checkpoint import atomic_paddle_save, load_model, write_model_json
+from aoanet.train.checkpoint import Checkpoint, CheckpointWriter, load_model, model_json_bytes, weights_bytes
 from aoanet_export import ExportError, ParityError, export_checkpoint, parity
 from aoanet_export import manifest as manifest_mod
 from aoanet_export.onnx_convert import _rename_outputs, convert
@@ -35,10 +35,12 @@ def make_checkpoint(directory: Path, seed: int = 0, weights_options: dict | None
     """A checkpoint dir of a random small model; ``weights_options``: save the weights of another model."""
     paddle.seed(seed)
     model = build_model(V, **SMALL)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_model_json(directory, model, {i: ("UNK" if i == V else f"w{i}") for i in range(1, V + 1)})
     weights = build_model(V, **{**SMALL, **weights_options}) if weights_options else model
-    atomic_paddle_save(weights.state_dict(), directory / "model.pdparams")
+    files = {
+        "model": model_json_bytes(model, {i: ("UNK" if i == V else f"w{i}") for i in range(1, V + 1)}),
+        "weights_last": weights_bytes(weights),
+    }
+    CheckpointWriter(directory).save(files)  # no best weights: "best" falls back to the last
     return directory
 
 
@@ -101,6 +103,7 @@ def test_onnx_graphs_have_the_contract_names_and_dynamic_axes(exported):
                 ("logprobs", "float32", ["batch", V + 1]),
                 ("next_state_h", "float32", [2, "batch", R]),
                 ("next_state_c", "float32", [2, "batch", R]),
+                ("attention", "float32", ["batch", 4, "regions"]),
                 ("cand_logprobs", "float32", ["batch", "k"]),
                 ("cand_ids", "int64", ["batch", "k"]),
             ],
@@ -128,7 +131,7 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
     out, manifest = exported
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["format_version"] == FORMAT_VERSION and manifest["model"] == "aoanet"
-    assert manifest["ix_to_word"] == json.loads((checkpoint / "model.json").read_text())["ix_to_word"]
+    assert manifest["ix_to_word"] == Checkpoint.open(checkpoint).model_meta()["ix_to_word"]
     assert manifest["ix_to_word"][str(V)] == "UNK"
     assert (manifest["bos_id"], manifest["eos_id"], manifest["pad_id"], manifest["unk_id"]) == (0, 0, 0, V)
     assert manifest["vocab_size"] == V
@@ -151,12 +154,14 @@ def test_manifest_fields_and_hashes(exported, checkpoint):
         "logprobs",
         "next_state_h",
         "next_state_c",
+        "attention",
         "cand_logprobs",
         "cand_ids",
     ]
     src = manifest["source_checkpoint"]
     assert src["path"] == str(checkpoint.resolve()) and src["which"] == "best"
-    assert src["weights_file"] == "model.pdparams"  # no model-best.pdparams: falls back to the last weights
+    last = Checkpoint.open(checkpoint).manifest["files"]["weights_last"]  # no best weights: falls back to the last
+    assert (src["weights_file"], src["weights_sha256"]) == (last["path"], last["sha256"])
     assert manifest["parity"]["passed"] is True
     assert manifest_mod.verify(out) == manifest
     assert sorted(p.name for p in out.iterdir()) == [
@@ -201,7 +206,7 @@ def test_parity_report_within_tolerance(exported):
     out, manifest = exported
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["steps"] == 20
-    assert report["tolerance"]["logprobs"] == 1e-4
+    assert report["tolerance"] == {"logprobs": 1e-4, "attention": 1e-4}
     shapes = [(c["batch"], c["regions"]) for c in report["cases"]]
     assert (1, 1) in shapes
     assert any(c["ragged"] and len(set(c["lengths"])) > 1 for c in report["cases"])
@@ -209,8 +214,9 @@ def test_parity_report_within_tolerance(exported):
     assert any(c["beams"] > 1 and c["ragged"] for c in report["cases"])
     for backend in ("static", "onnx"):
         figures = report["max_abs_diff"][backend]
-        assert set(figures) == set(parity.OUTPUTS) >= {"p_att_feats", "att_values", "att_keys", "logprobs"}
+        assert set(figures) == set(parity.OUTPUTS) >= {"p_att_feats", "att_values", "att_keys", "logprobs", "attention"}
         assert figures["logprobs"] <= 1e-4
+        assert figures["attention"] <= 1e-4  # the weights of the static graph and ONNX equal the model's
         assert max(figures.values()) < 1e-4
         assert report["min_argmax_agreement"][backend] == 1.0
     assert manifest["parity"]["max_abs_diff"] == report["max_abs_diff"]
@@ -218,6 +224,9 @@ def test_parity_report_within_tolerance(exported):
         report["max_abs_diff"][b]["logprobs"] for b in ("static", "onnx")
     )
     assert manifest["parity"]["max_abs_diff_logprobs"] == report["max_abs_diff_logprobs"]
+    assert manifest["parity"]["max_abs_diff_attention"] == report["max_abs_diff_attention"] == max(
+        report["max_abs_diff"][b]["attention"] for b in ("static", "onnx")
+    )
     # The decoder's candidate head equalled numpy's top-4 of its log-probs at every step and row.
     rows = sum(c["batch"] * c["beams"] for c in report["cases"]) * report["steps"]
     assert report["candidates"] == {"k": 4, "rows": rows, "mismatched_rows": 0}
@@ -251,11 +260,19 @@ def test_onnxruntime_and_static_at_a_new_shape(exported, checkpoint):
 def test_corrupted_checkpoint(checkpoint, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(checkpoint, bad)
-    data = (bad / "model.pdparams").read_bytes()
-    (bad / "model.pdparams").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ExportError, match="could not be read as Paddle weights"):
+    weights = Checkpoint.open(bad).path("weights_last")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match=f"{weights.name} does not match .*checkpoint.json"):
         export_checkpoint(bad, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+    # an earlier version's checkpoint (pickled weights, no manifest) that is truncated
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "model.json").write_bytes(Checkpoint.open(checkpoint).read("model"))
+    (legacy / "model.pdparams").write_bytes(b"\x80\x04\x95" + b"\x00" * 40)
+    with pytest.raises(ExportError, match="could not be read as Paddle weights"):
+        export_checkpoint(legacy, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "legacy"]
 
 
 def test_mismatched_checkpoint(tmp_path):
@@ -283,7 +300,7 @@ def test_force_does_not_replace_a_foreign_directory_or_the_checkpoint(checkpoint
     for out in (checkpoint, checkpoint.parent):
         with pytest.raises(ExportError, match="would replace the checkpoint"):
             export_checkpoint(checkpoint, out, force=True)
-    assert (checkpoint / "model.pdparams").is_file()
+    assert (checkpoint / "checkpoint.json").is_file()
 
 
 def test_paddle2onnx_failure_is_an_export_error(tmp_path):
@@ -316,7 +333,7 @@ def test_bad_arguments(checkpoint, tmp_path):
         export_checkpoint(checkpoint, tmp_path / "out", opset=7)
     with pytest.raises(ExportError, match="which"):
         export_checkpoint(checkpoint, tmp_path / "out", which="newest")
-    with pytest.raises(ExportError, match="model.json is missing"):
+    with pytest.raises(ExportError, match="is not a checkpoint directory: it has no checkpoint.json"):
         export_checkpoint(tmp_path, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -337,8 +354,8 @@ def test_failed_parity_leaves_no_out_dir(checkpoint, tmp_path, monkeypatch):
     step = parity.OnnxBackend.step
 
     def corrupted(self, *args):
-        logprobs, h, c = step(self, *args)
-        return logprobs + np.float32(2e-4), h, c
+        logprobs, h, c, att = step(self, *args)
+        return logprobs + np.float32(2e-4), h, c, att
 
     monkeypatch.setattr(parity.OnnxBackend, "step", corrupted)
     with pytest.raises(ParityError, match="log-prob") as info:
@@ -346,6 +363,23 @@ def test_failed_parity_leaves_no_out_dir(checkpoint, tmp_path, monkeypatch):
     assert info.value.report["passed"] is False
     assert info.value.report["max_abs_diff"]["onnx"]["logprobs"] > 1e-4
     assert info.value.report["max_abs_diff"]["static"]["logprobs"] <= 1e-4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_beyond_tolerance_fails_the_export(checkpoint, tmp_path, monkeypatch):
+    """The attention weights are gated on their own: right log-probs with wrong weights fail too."""
+    step = parity.StaticBackend.step
+
+    def shifted(self, *args):
+        logprobs, h, c, att = step(self, *args)
+        return logprobs, h, c, np.roll(att, 1, axis=-1)
+
+    monkeypatch.setattr(parity.StaticBackend, "step", shifted)
+    with pytest.raises(ParityError, match="attention") as info:
+        export_checkpoint(checkpoint, tmp_path / "out")
+    report = info.value.report
+    assert report["passed"] is False and report["max_abs_diff_logprobs"] <= 1e-4
+    assert report["max_abs_diff"]["static"]["attention"] > 1e-4 >= report["max_abs_diff"]["onnx"]["attention"]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,4 +1,4 @@
-"""The Paddle AoANet against an independent float64 numpy implementation of aoanet-reference.md §1."""
+"""The Paddle AoANet against an independent float64 numpy implementation of docs/model.md."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def np_encode(P, feats, mask, layers, h):
     return mean, a @ P["ctx2att.weight"] + P["ctx2att.bias"]
 
 
-def np_step(P, it, h, c, mean, p_att, mask, nh):
+def np_step(P, it, h, c, mean, p_att, mask, nh, with_weights=False):
     r = h.shape[-1]
     xt = np.maximum(P["embed.0.weight"][it], 0)
     inp = np.concatenate([xt, mean + h[1]], -1)
@@ -96,11 +96,14 @@ def np_step(P, it, h, c, mean, p_att, mask, nh):
     kh = p_att[..., r:].reshape(b, n, nh, r // nh)  # second half: keys
     scores = np.einsum("bhd,bnhd->bhn", qh, kh) / np.sqrt(r // nh)
     scores = np.where(mask[:, None, :] == 0, -1e9, scores)
-    att = np.einsum("bhn,bnhd->bhd", softmax(scores), vh).reshape(b, r)
+    weights = softmax(scores)  # [b, heads, n]
+    att = np.einsum("bhn,bnhd->bhd", weights, vh).reshape(b, r)
     ctx = glu(np.concatenate([att, h_att], -1) @ P["core.att2ctx.0.weight"] + P["core.att2ctx.0.bias"])
     logits = ctx @ P["logit.weight"] + P["logit.bias"]
     m = logits.max(-1, keepdims=True)
     logprobs = logits - (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))
+    if with_weights:
+        return logprobs, np.stack([h_att, ctx]), np.stack([c_att, c[1]]), weights
     return logprobs, np.stack([h_att, ctx]), np.stack([c_att, c[1]])
 
 
@@ -170,6 +173,41 @@ def test_folded_step_matches_float64_numpy():
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
         FoldedStep(model)
+
+
+def test_step_attention_weights_match_float64_numpy():
+    """The decoder step's attention weights per head, from the model's step and from the exported decoder's
+    (folded) step, against the float64 reference, chained over steps: within 1e-5, summing to 1 over each image's
+    regions and exactly 0 on its padding; asking for them changes nothing else."""
+    from aoanet.model import FoldedStep
+    from aoanet.model.layers import mask_to_bias
+
+    model = small_model()
+    P = params64(model)
+    counts = [5, 9, 1]
+    feats, mask = ragged_inputs(counts, SMALL["att_feat_size"])
+    mean, p_att = model.encode(paddle.to_tensor(feats), paddle.to_tensor(mask))
+    ref_mean, ref_p = np_encode(P, feats.astype(np.float64), mask.astype(np.float64), 3, 8)
+    memory, bias = model.core.split_memory(p_att), mask_to_bias(paddle.to_tensor(mask))
+    folded = FoldedStep(model)
+    r = SMALL["rnn_size"]
+    h, c = np.zeros((2, 3, r)), np.zeros((2, 3, r))
+    state = folded_state = model.init_state(3)
+    for it in (np.zeros(3, "int64"), np.array([3, 7, V], "int64"), np.array([1, 0, 12], "int64")):
+        plain_lp, plain_state = model.step(paddle.to_tensor(it), state, mean, p_att, paddle.to_tensor(mask))
+        logprobs, state, weights = model.step(
+            paddle.to_tensor(it), state, mean, p_att, paddle.to_tensor(mask), return_attention=True
+        )
+        _, folded_state, folded_weights = folded(paddle.to_tensor(it), folded_state, mean, memory, bias, True)
+        ref_lp, h, c, ref_w = np_step(P, it, h, c, ref_mean, ref_p, mask.astype(np.float64), 8, with_weights=True)
+        np.testing.assert_array_equal(logprobs.numpy(), plain_lp.numpy())
+        np.testing.assert_array_equal(state[0].numpy(), plain_state[0].numpy())
+        for w in (weights.numpy(), folded_weights.numpy()):
+            assert w.shape == (3, 8, 9) and w.dtype == np.float32
+            assert np.abs(w - ref_w).max() <= 1e-5
+            for b, k in enumerate(counts):
+                np.testing.assert_allclose(w[b, :, :k].sum(axis=-1), 1.0, atol=1e-5)
+                assert not w[b, :, k:].any()  # exactly 0 on the padded regions
 
 
 def test_teacher_forcing_equals_chained_steps():

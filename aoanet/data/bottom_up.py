@@ -1,4 +1,4 @@
-"""``aoanet-data bu``: bottom-up-attention TSVs -> cocobu_att / cocobu_fc / cocobu_box (reference §2.3).
+"""``aoanet-data bu``: bottom-up-attention TSVs -> cocobu_att / cocobu_fc / cocobu_box (docs/data.md).
 
 Each TSV line holds ``image_id, image_w, image_h, num_boxes, boxes, features`` separated by tabs, ``boxes``
 and ``features`` being base64 float32 arrays of num_boxes x 4 and num_boxes x F values. The files were written
@@ -67,6 +67,11 @@ def parse_line(fields: list[bytes], where: str, feat_dim: int | None) -> tuple[i
             f"{where}: field 'features' has {feats.size} values, expected num_boxes x width = "
             f"{num_boxes} x {width if feat_dim is not None else 'F'} (truncated line?)"
         )
+    if not np.isfinite(feats).all():
+        bad = np.unique(np.nonzero(~np.isfinite(feats.reshape(num_boxes, width)))[0])
+        raise DataError(f"{where}: field 'features' has NaN or infinite values (region(s) {bad[:5].tolist()})")
+    if not np.isfinite(boxes).all():
+        raise DataError(f"{where}: field 'boxes' has NaN or infinite values")
     return image_id, boxes.reshape(num_boxes, 4), feats.reshape(num_boxes, width)
 
 

@@ -3,7 +3,8 @@
 It checks cocotalk.json against cocotalk_label.h5 (:func:`aoanet.data.labels.inspect_labels`), then every
 image's feature files: the att npz exists and has a 2-D ``feat`` with at least one region and the expected
 width, the fc vector has that width, the boxes are (K, 4) with the same K. By default only the array headers
-are read (fast on 123k images); ``full=True`` decodes every array and also catches corrupt data and NaNs. If
+and the files' sizes are read (fast on 123k images: a truncated file is found, a NaN or a corrupted byte is not);
+``full=True`` decodes every array and also catches corrupt data and NaNs. If
 ``dataset_coco.json`` is in the directory, its images and caption counts are compared with cocotalk. Nothing
 stops at the first problem.
 """
@@ -46,6 +47,8 @@ def _att_shape(path: Path, iid: int, full: bool) -> tuple[tuple | None, str | No
     except KeyError:
         return None, "no array 'feat' in the npz"
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        return None, f"cannot read feature file ({type(e).__name__}: {e})"
+    except (zipfile.LargeZipFile, RuntimeError) as e:  # RuntimeError: encrypted or unsupported zip members
         return None, f"cannot read feature file ({type(e).__name__}: {e})"
     if len(shape) != 2 or shape[0] < 1 or not np.issubdtype(dtype, np.floating):
         return None, f"'feat' must be float (regions >= 1, width), got {dtype} {shape}"

@@ -1,4 +1,4 @@
-"""Turning per-image items into a training batch of numpy arrays (reference §2.5, features not repeated).
+"""Turning per-image items into a training batch of numpy arrays (docs/model.md, "Training"; features not repeated).
 
 The caption window of an image is drawn from ``numpy.random.default_rng([seed, epoch, ix])``: it depends only
 on which image, which epoch and the seed, never on the worker that loaded it or on where a run was resumed.

@@ -1,4 +1,4 @@
-"""The bottom-up feature files: names, writing and checked reading (reference §2.3).
+"""The bottom-up feature files: names, writing and checked reading (docs/data.md, "Formats").
 
 ``cocobu_att/<id>.npz`` (np.savez_compressed, key ``feat``, (K, F) float32), ``cocobu_fc/<id>.npy`` ((F,)
 float32, the mean of the K regions) and ``cocobu_box/<id>.npy`` ((K, 4) float32, x1 y1 x2 y2 in pixels). Every
@@ -33,16 +33,19 @@ def feature_dirs(out_dir: str | os.PathLike) -> tuple[Path, Path, Path]:
     return out / ATT_DIR, out / FC_DIR, out / BOX_DIR
 
 
-def write_image_features(att_dir, fc_dir, box_dir, image_id: int, att: np.ndarray, boxes: np.ndarray) -> None:
-    """Write the three files of one image, each atomically; the fc vector is the mean of the regions, as in
-    the reference's make_bu_data."""
+def write_image_features(
+    att_dir, fc_dir, box_dir, image_id: int, att: np.ndarray, boxes: np.ndarray, fc: np.ndarray | None = None
+) -> None:
+    """Write the three files of one image, each atomically; the fc vector is ``fc`` or, by default, the mean of
+    the regions, as in the reference's make_bu_data. The box file is written last: an image whose three files
+    exist is complete."""
     att = np.ascontiguousarray(att, dtype=np.float32)
     with atomic_path(att_path(att_dir, image_id)) as tmp:
         # A file object, because np.savez appends ".npz" to a path that does not end with it.
         with open(tmp, "wb") as f:
             np.savez_compressed(f, feat=att)
     with atomic_path(npy_path(fc_dir, image_id)) as tmp, open(tmp, "wb") as f:
-        np.save(f, att.mean(axis=0))
+        np.save(f, att.mean(axis=0) if fc is None else np.asarray(fc, dtype=np.float32))
     with atomic_path(npy_path(box_dir, image_id)) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(boxes, dtype=np.float32))
 
@@ -85,14 +88,29 @@ def _header(f) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
+def _check_size(shape, dtype, header_end: int, size: int, what: str) -> None:
+    """A file (or npz member) holding fewer bytes than its header's shape needs is truncated."""
+    needed = header_end + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size < needed:
+        raise ValueError(f"{what} is truncated: {size} bytes, its header's shape {tuple(shape)} needs {needed}")
+
+
 def npz_header(path: str | os.PathLike, key: str = "feat") -> tuple[tuple, np.dtype]:
     """Shape and dtype of one array in an npz, reading only its header (no decompression of the data): this
-    keeps ``aoanet-data check`` fast on 123k images. Raises KeyError if the key is absent."""
+    keeps ``aoanet-data check`` fast on 123k images; the member's declared size must hold that shape. Raises
+    KeyError if the key is absent."""
     with zipfile.ZipFile(path) as z:
-        with z.open(f"{key}.npy") as f:
-            return _header(f)
+        info = z.getinfo(f"{key}.npy")
+        with z.open(info) as f:
+            shape, dtype = _header(f)
+            _check_size(shape, dtype, f.tell(), info.file_size, f"array {key!r}")
+            return shape, dtype
 
 
 def npy_header(path: str | os.PathLike) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of a .npy from its header; the file's size must hold that shape (a truncated file is an
+    error)."""
     with open(path, "rb") as f:
-        return _header(f)
+        shape, dtype = _header(f)
+        _check_size(shape, dtype, f.tell(), os.fstat(f.fileno()).st_size, "the file")
+        return shape, dtype

@@ -1,4 +1,4 @@
-"""cocotalk.json + cocotalk_label.h5: loading them and checking that they agree (reference §2.2).
+"""cocotalk.json + cocotalk_label.h5: loading them and checking that they agree (docs/data.md, "Formats").
 
 :func:`inspect_labels` collects every problem (for ``aoanet-data check``); :func:`load_labels` is the strict
 version the loader uses, raising one DataError that lists them. Labels are read into memory whole: at full

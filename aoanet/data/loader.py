@@ -22,13 +22,16 @@ breaking out of an evaluation pass early). The state after each yielded batch is
 Workers: with ``num_workers > 0`` whole batches are read and collated in a process pool (fork where available,
 as paddle.io.DataLoader does); features are read lazily there. A bad feature file raises a DataError naming
 the file and image id in the trainer's process; a worker that dies or stalls raises a DataError instead of
-hanging.
+hanging. Workers end with the trainer however it ends (``aoanet.procs.die_with_parent``; ``close()`` stops them at
+once) and ignore Ctrl-C, which the trainer handles.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
+import signal
 from collections import deque
 from pathlib import Path
 
@@ -100,7 +103,11 @@ class CaptionData(paddle.io.Dataset):
 _WORKER_DATA: CaptionData | None = None
 
 
-def _init_worker(data: CaptionData) -> None:
+def _init_worker(data: CaptionData, parent_pid: int) -> None:
+    from aoanet.procs import die_with_parent
+
+    die_with_parent(parent_pid)  # SIGKILL when the trainer exits, even when it is killed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle (it then stops the workers)
     global _WORKER_DATA
     _WORKER_DATA = data
 
@@ -187,7 +194,7 @@ class CaptionLoader:
                 self.num_workers,
                 mp_context=mp.get_context(method),
                 initializer=_init_worker,
-                initargs=(self.data,),
+                initargs=(self.data, os.getpid()),
             )
         return self._pool
 
@@ -237,9 +244,16 @@ class CaptionLoader:
         self.position = 0
 
     def close(self) -> None:
+        """Stop the workers now (a batch being read is abandoned)."""
         if self._pool is not None:
+            workers = list((getattr(self._pool, "_processes", None) or {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
+            for worker in workers:
+                worker.join(timeout=5)
 
     def __enter__(self):
         return self

@@ -1,4 +1,4 @@
-"""``aoanet-data ngrams``: training-split n-gram document frequencies for the CIDEr-D reward (reference §2.4).
+"""``aoanet-data ngrams``: training-split n-gram document frequencies for the CIDEr-D reward (docs/data.md).
 
 For every image of the split ("train" = train + restval, as in the reference) all its reference captions are
 taken **untruncated**, mapped to token ids with the vocabulary of cocotalk.json (out-of-vocabulary words ->

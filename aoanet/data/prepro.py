@@ -1,4 +1,4 @@
-"""``aoanet-data prepro``: dataset_coco.json -> cocotalk.json + cocotalk_label.h5 (reference §2.2).
+"""``aoanet-data prepro``: dataset_coco.json -> cocotalk.json + cocotalk_label.h5 (docs/data.md).
 
 - Vocabulary over all splits, words with count > ``word_count_threshold``, ordered as described in
   :mod:`aoanet.data.vocab` (descending count, then alphabetical; ``UNK`` last).

@@ -3,9 +3,10 @@
 It writes ``DIR/dataset_coco.json`` (Karpathy layout: ``images[i]`` with ``imgid``, ``cocoid``, ``filepath``,
 ``filename``, ``split``, ``sentences`` [{``tokens``, ``raw``, ``imgid``, ``sentid``}], ``sentids``, plus a
 ``scene`` summary that the pipeline ignores) and ``DIR/cocobu_att|cocobu_fc|cocobu_box``, so that prepro,
-ngrams, check, the loader, training and evaluation run on it unchanged. What an image shows is described in
-:mod:`aoanet.data.synth_world`, how it is captioned in :mod:`aoanet.data.synth_grammar`, its region features
-in :mod:`aoanet.data.synth_features`.
+ngrams, check, the loader, training and evaluation run on it unchanged; or, with ``render``, the scenes as
+pictures, ``DIR/images/<cocoid>.jpg`` (:mod:`aoanet.vision.render`), whose features an image extractor makes
+(``aoanet-data extract``). What an image shows is described in :mod:`aoanet.data.synth_world`, how it is
+captioned in :mod:`aoanet.data.synth_grammar`, its region features in :mod:`aoanet.data.synth_features`.
 
 Default size, chosen so the demo can train a small AoANet (rnn_size 128-256) on a 2-core CPU in about five
 minutes and still see every class and colour hundreds of times:
@@ -15,7 +16,7 @@ minutes and still see every class and colour hundreds of times:
 - feature width 128 (``att_feat_size: 128`` in the demo config), 10-30 regions per image (mean 15).
 - vocabulary 146 words with UNK (threshold 5); captions 9.9 tokens on average, 3.6% longer than 16 (cut by
   prepro like real ones).
-- on disk 62 MB; generation takes ~23 s (wall clock, one process, on a shared 2-core machine).
+- on disk 62 MB (generation time: docs/data.md).
 
 Everything is a function of ``seed`` (scene, captions, features of image i come from
 ``numpy.random.default_rng([seed, i])``, the splits from ``default_rng([seed, 2**32 - 1])``); the
@@ -26,12 +27,8 @@ Why a model beats the nearest-neighbour baseline (:mod:`aoanet.data.baseline`): 
 class, colour, count and position of two or three objects plus the setting, and the references use all of
 them. The mean feature retrieves a training image with some of the same classes and setting, but the exact
 combination (which colour goes with which object, who is left of whom) almost never recurs, so a copied
-caption gets partial credit; a model that attends to each object's region can say it.
-
-Measured on the default set (seed 123, 250 test images, CIDEr-D with the test references' idf): the
-nearest-neighbour baseline scores 0.38; a small AoANet (rnn_size 192, 2 refiner layers, dropout 0.2, batch
-20, lr 1e-3, 1,750 XE iterations = 10 epochs, greedy decoding) 2.35; a caption written from the true scene
-in the most common words 3.16.
+caption gets partial credit; a model that attends to each object's region can say it (the scores of both, and
+of a caption written from the true scene, are in docs/data.md).
 """
 
 from __future__ import annotations
@@ -43,12 +40,15 @@ import numpy as np
 from tqdm import tqdm
 
 from aoanet.data.atomic import write_json
+from aoanet.data.errors import DataError
 from aoanet.data.features import feature_dirs, write_image_features
 from aoanet.data.synth_features import FeatureSpace
 from aoanet.data.synth_grammar import caption, raw_sentence
 from aoanet.data.synth_world import sample_scene
 
 DEFAULT_IMAGES, DEFAULT_SEED, DEFAULT_FEAT_DIM = 4000, 123, 128
+IMAGE_DIR = "images"  # the rendered pictures (``render``), named <cocoid>.jpg
+JPEG_QUALITY = 90
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -77,15 +77,35 @@ def make_synth(
     images: int = DEFAULT_IMAGES,
     seed: int = DEFAULT_SEED,
     feat_dim: int = DEFAULT_FEAT_DIM,
+    render: bool = False,
 ) -> dict:
-    """Generate the dataset into ``out_dir``; returns a summary (counts, sizes) for printing."""
+    """Generate the dataset into ``out_dir``; returns a summary (counts, sizes) for printing. The arguments are
+    checked before anything is created.
+
+    ``render``: draw each scene as a picture, ``DIR/images/<cocoid>.jpg`` (``aoanet.vision.render``), instead of
+    writing region features: the features then come from an image extractor (``aoanet-data extract``). The
+    captions and splits are the same either way."""
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise DataError(f"--seed must be >= 0, got {seed}")
+    if feat_dim < 1:
+        raise DataError(f"--feat-dim must be >= 1, got {feat_dim}")
+    try:
+        split_sizes(images)
+        space = FeatureSpace(feat_dim)
+    except ValueError as e:
+        raise DataError(f"--images {images}: {e}" if "images" in str(e) else str(e)) from None
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a directory")
     att_dir, fc_dir, box_dir = feature_dirs(out)
-    for d in (att_dir, fc_dir, box_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    space = FeatureSpace(feat_dim)
+    if render:
+        from aoanet.data.atomic import atomic_path
+        from aoanet.vision.render import RENDER_SCALE, render_scene
+
+        (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    else:
+        for d in (att_dir, fc_dir, box_dir):
+            d.mkdir(parents=True, exist_ok=True)
     splits = _splits(images, seed)
     entries, n_regions, lengths = [], [], []
     for i in tqdm(range(images), desc="synth images", unit="img"):
@@ -104,34 +124,50 @@ def make_synth(
                     "sentid": i * CAPTIONS_PER_IMAGE + j,
                 }
             )
-        feats, boxes = space.regions(scene, rng)
-        n_regions.append(len(feats))
-        pixels = boxes * np.array([scene.width, scene.height] * 2)
-        write_image_features(att_dir, fc_dir, box_dir, cocoid, feats, pixels)
+        width, height = scene.width, scene.height
+        if render:
+            picture = render_scene(scene, np.random.default_rng([seed, i, 1]), RENDER_SCALE)
+            width, height = picture.size
+            with atomic_path(out / IMAGE_DIR / f"{cocoid}.jpg") as tmp, open(tmp, "wb") as f:
+                picture.save(f, format="JPEG", quality=JPEG_QUALITY)
+        else:
+            feats, boxes = space.regions(scene, rng)
+            n_regions.append(len(feats))
+            pixels = boxes * np.array([scene.width, scene.height] * 2)
+            write_image_features(att_dir, fc_dir, box_dir, cocoid, feats, pixels)
         entries.append(
             {
-                "filepath": "synth",
-                "filename": f"synth_{cocoid:012d}.jpg",
+                "filepath": IMAGE_DIR,
+                "filename": f"{cocoid}.jpg",
                 "imgid": i,
                 "cocoid": cocoid,
                 "split": splits[i],
                 "sentids": [s["sentid"] for s in sentences],
                 "sentences": sentences,
-                "width": scene.width,
-                "height": scene.height,
+                "width": width,
+                "height": height,
                 "scene": scene.describe(),
             }
         )
-    write_json(out / "dataset_coco.json", {"dataset": "synth", "seed": seed, "feat_dim": feat_dim, "images": entries})
+    meta = {"dataset": "synth", "seed": seed}
+    meta.update({"rendered": True} if render else {"feat_dim": feat_dim})
+    write_json(out / "dataset_coco.json", {**meta, "images": entries})
     words = {t for e in entries for s in e["sentences"] for t in s["tokens"]}
+    regions = (
+        {"images_dir": str(out / IMAGE_DIR)}
+        if render
+        else {
+            "feat_dim": feat_dim,
+            "regions_min": int(min(n_regions)),
+            "regions_mean": float(np.mean(n_regions)),
+            "regions_max": int(max(n_regions)),
+        }
+    )
     return {
         "images": images,
         "splits": split_sizes(images),
-        "feat_dim": feat_dim,
         "seed": seed,
-        "regions_min": int(min(n_regions)),
-        "regions_mean": float(np.mean(n_regions)),
-        "regions_max": int(max(n_regions)),
+        **regions,
         "distinct_words": len(words),
         "caption_length_mean": float(np.mean(lengths)),
         "caption_length_max": int(max(lengths)),

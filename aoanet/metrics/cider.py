@@ -97,7 +97,7 @@ def save_document_frequency(path: str | os.PathLike, df: dict[tuple, int], ref_l
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, separators=(",", ":"))  # json.dump to a gzip stream is ~5x slower
+    text = json.dumps(payload, separators=(",", ":"))  # json.dump to a gzip stream is slower (docs/benchmarks.md)
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=3) as f:
         f.write(text)
 

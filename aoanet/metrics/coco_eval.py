@@ -13,6 +13,11 @@ coco-caption, predictions and references are tokenised with the Stanford PTB tok
 punctuation dropped), then scored by BLEU-1..4, METEOR 1.5, ROUGE-L and CIDEr (coco-caption's "CIDEr" is
 CIDEr-D with the idf of the evaluated references), all on pycocoevalcap's scale (CIDEr 1.283, not 128.3).
 
+The PTB tokenizer and METEOR run pycocoevalcap's jars through this module's own small drivers (the same command
+lines and protocol): their Java processes end with this process however it ends (``aoanet.procs``), and a Ctrl-C
+while METEOR scores stops it at once (pycocoevalcap's ``Meteor`` keeps a lock taken when it is interrupted, and its
+clean-up then waits on that lock forever).
+
 SPICE needs the Stanford CoreNLP 3.6.0 jars in pycocoevalcap/spice/lib. ``spice=None`` (auto) computes it when
 they are there and otherwise skips it with a one-line notice; ``spice=True`` requires it; ``spice=False``
 skips it. Nothing is ever downloaded (pycocoevalcap's ``Spice()`` would download the jars, so it is only
@@ -25,8 +30,11 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from aoanet import procs
 
 METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -113,16 +121,113 @@ def _validate(predictions: Sequence[Mapping], references: Mapping) -> tuple[list
     return list(seen), {image_id: list(references[image_id]) for image_id in seen}
 
 
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)  # locate without importing it
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"{module} is not installed: pip install pycocoevalcap")
+    return Path(spec.origin).resolve().parent
+
+
+class JavaToolError(RuntimeError):
+    """The tokenizer or METEOR (Java) failed."""
+
+
+def _stderr_tail(f) -> str:
+    f.seek(0)
+    text = f.read().decode("utf-8", "replace").strip().splitlines()
+    return (": " + " | ".join(text[-3:])) if text else ""
+
+
+def ptb_tokenize(sentences: list[str]) -> list[str]:
+    """coco-caption's tokenisation: Stanford's PTBTokenizer (pycocoevalcap's jar, one sentence per line, lower
+    case), then its punctuation tokens dropped."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, STANFORD_CORENLP_3_4_1_JAR
+
+    jar = _package_dir("pycocoevalcap.tokenizer.ptbtokenizer") / STANFORD_CORENLP_3_4_1_JAR
+    punctuation = set(PUNCTUATIONS)
+    with tempfile.TemporaryDirectory(prefix="aoanet-ptb-") as tmp:
+        text = Path(tmp) / "captions.txt"
+        text.write_bytes("\n".join(sentences).encode())
+        cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
+               str(text)]
+        with tempfile.TemporaryFile() as err:
+            process = procs.popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=err)
+            try:
+                out = process.communicate()[0]
+            finally:
+                procs.stop(process)
+            if process.returncode != 0:
+                raise JavaToolError(f"the PTB tokenizer (java) exited with status {process.returncode}"
+                                    f"{_stderr_tail(err)}")
+    lines = out.decode().split("\n")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in lines[: len(sentences)]]
+
+
+class Meteor:
+    """METEOR 1.5 (pycocoevalcap's jar, its command line and its stdio protocol) in a Java process of our own;
+    ``close()`` (or the context manager) ends it."""
+
+    JAR = "meteor-1.5.jar"
+
+    def __init__(self):
+        cmd = ["java", "-jar", "-Xmx2G", self.JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        self._err = tempfile.TemporaryFile()
+        self.process = procs.popen(cmd, cwd=_package_dir("pycocoevalcap.meteor.meteor"), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=self._err)
+
+    def _ask(self, line: str) -> str:
+        try:
+            self.process.stdin.write(line.encode() + b"\n")
+            self.process.stdin.flush()
+            reply = self.process.stdout.readline()
+        except BrokenPipeError:
+            reply = b""
+        if not reply:
+            status = self.process.poll()
+            raise JavaToolError(f"METEOR (java) stopped{'' if status is None else f' with status {status}'}"
+                                f"{_stderr_tail(self._err)}")
+        return reply.decode().strip()
+
+    def _read(self) -> float:
+        reply = self.process.stdout.readline()
+        if not reply:
+            raise JavaToolError(f"METEOR (java) stopped{_stderr_tail(self._err)}")
+        return float(reply.strip())
+
+    def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+        """(corpus METEOR, per-image scores) of one tokenised hypothesis per image against its references."""
+        ids = list(gts)
+        stats = []
+        for i in ids:
+            hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
+            stats.append(self._ask(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis))))
+        first = self._ask(" ||| ".join(("EVAL", *stats)))
+        scores = [float(first)] + [self._read() for _ in ids[1:]]
+        return self._read(), scores
+
+    def close(self) -> None:
+        procs.stop(self.process)
+        self._err.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _tokenize(predictions: Sequence[Mapping], references: dict) -> tuple[dict, dict]:
     """PTB-tokenise predictions and references in one Java call (one JVM start instead of two)."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     def clean(text: str) -> str:  # the tokenizer works line by line
         return " ".join(text.split())
 
-    both = {("ref", k): [{"caption": clean(c)} for c in refs] for k, refs in references.items()}
-    both.update({("res", p["image_id"]): [{"caption": clean(p["caption"])}] for p in predictions})
-    tokens = PTBTokenizer().tokenize(both)
+    keys = [("ref", k) for k, refs in references.items() for _ in refs]
+    keys += [("res", p["image_id"]) for p in predictions]
+    sentences = [clean(c) for refs in references.values() for c in refs] + [clean(p["caption"]) for p in predictions]
+    tokens: dict = {}
+    for key, line in zip(keys, ptb_tokenize(sentences), strict=True):
+        tokens.setdefault(key, []).append(line)
     gts = {k: tokens[("ref", k)] for k in references}
     res = {p["image_id"]: tokens[("res", p["image_id"])] for p in predictions}
     return gts, res
@@ -150,7 +255,6 @@ def language_eval(predictions: Sequence[Mapping], references: Mapping[int, Seque
 
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts, res = _tokenize(predictions, refs)
@@ -165,11 +269,8 @@ def language_eval(predictions: Sequence[Mapping], references: Mapping[int, Seque
     score, scores = Bleu(4).compute_score(gts, res, verbose=0)
     for n in range(4):
         record(f"Bleu_{n + 1}", score[n], scores[n])
-    meteor = Meteor()
-    try:
+    with Meteor() as meteor:
         record("METEOR", *meteor.compute_score(gts, res))
-    finally:
-        meteor.__del__()  # stop the Java process now, not at garbage collection (a second call is a no-op)
     record("ROUGE_L", *Rouge().compute_score(gts, res))
     record("CIDEr", *Cider().compute_score(gts, res))
     if run_spice:

@@ -1,4 +1,4 @@
-"""AoANet (Huang et al., ICCV 2019) in Paddle, faithful to the authors' code (aoanet-reference.md §1, §4).
+"""AoANet (Huang et al., ICCV 2019) in Paddle, faithful to the authors' code (docs/model.md).
 
 Token 0 is BOS, EOS and padding; the vocabulary has V words (UNK last, index V), so the logits have V+1 classes.
 Features are encoded once per image; captions or samples of the same image share that encoding (``expand``).
@@ -33,7 +33,7 @@ class AoAModel(nn.Layer):
         self.vocab_size = int(vocab_size)
         self.unk_idx = self.vocab_size  # UNK is the last word
         r, e = o.rnn_size, o.input_encoding_size
-        # Registration order follows the reference state dict (§1.6).
+        # Registration order follows the authors' state dict (docs/model.md, "Parameters").
         self.embed = nn.Sequential(
             nn.Embedding(
                 self.vocab_size + 1,
@@ -101,21 +101,25 @@ class AoAModel(nn.Layer):
         shape = [2, batch_size, self.options.rnn_size]
         return paddle.zeros(shape, dtype=dtype), paddle.zeros(shape, dtype=dtype)
 
-    def step(self, it, state, mean_feats, p_att_feats, att_masks=None):
-        """One decoder step: tokens [B] and state (h, c), each [2, B, R] -> (logprobs [B, V+1], state).
+    def step(self, it, state, mean_feats, p_att_feats, att_masks=None, return_attention: bool = False):
+        """One decoder step: tokens [B] and state (h, c), each [2, B, R] -> (logprobs [B, V+1], state), and with
+        ``return_attention`` a third result: each row's attention weights over the regions, per head, [B, h, N]
+        (0 on padded regions; docs/model.md, "Decoder step").
 
         mean_feats has a row per decoder row. p_att_feats and att_masks have one too, or one row per image when
         the decoder rows are image-major with the same number per image (beam search: the beams of an image
         share its memory). Loops over many steps (and the exported decoder) use ``_step``, with keys/values split
         into heads once."""
-        return self._step(it, state, mean_feats, self.core.split_memory(p_att_feats), mask_to_bias(att_masks))
+        return self._step(
+            it, state, mean_feats, self.core.split_memory(p_att_feats), mask_to_bias(att_masks), return_attention
+        )
 
-    def _step(self, it, state, mean_feats, memory, mask_bias):
-        # The loops below split keys/values and build the mask bias once per sequence, not once per step:
-        # per-step slicing made slice/reshape gradients ~40% of a training step.
+    def _step(self, it, state, mean_feats, memory, mask_bias, return_attention: bool = False):
+        # The loops below split keys/values and build the mask bias once per sequence, not once per step: the
+        # slicing's gradients would otherwise take a large share of a training step (docs/benchmarks.md).
         xt = self.embed(it)
-        out, h, c = self.core(xt, mean_feats, memory, mask_bias, state[0], state[1])
-        return log_softmax(self.logit(out)), (h, c)
+        out, h, c, *weights = self.core(xt, mean_feats, memory, mask_bias, state[0], state[1], return_attention)
+        return (log_softmax(self.logit(out)), (h, c), *weights)
 
     @staticmethod
     def expand(n: int, *tensors):
@@ -248,13 +252,16 @@ class AoAModel(nn.Layer):
         beam_size: int = 1,
         max_length: int = 20,
         greedy_unk: bool = True,
+        return_attention: bool = False,
         **options,
     ) -> aoanet_runtime.beam.DecodeResult:  # noqa: F821
         """Greedy (beam_size=1 with ``greedy_unk``) or beam search through the runtime's numpy search
         (``aoanet_runtime.beam``).
 
-        The search semantics are the authors' (§4.2); the same code drives the onnxruntime backend, so both give
-        the same captions. ``options``: length_penalty, block_trigrams, bad_ending_ids, early_stop.
+        The search semantics are the authors' (docs/model.md, "Decoding"); the same code drives the onnxruntime
+        backend, so both give the same captions. ``options``: length_penalty, block_trigrams, bad_ending_ids,
+        early_stop. ``return_attention``: the result's ``attention`` holds each chosen token's attention weights
+        over the regions, per head (``aoanet_runtime.beam.DecodeResult``).
         """
         from aoanet_runtime.beam import is_greedy, search
 
@@ -280,13 +287,16 @@ class AoAModel(nn.Layer):
         inference_step = InferenceStep(self) if fast else self._step
 
         def step(it, ctx):
-            logprobs, (h, c) = inference_step(
+            logprobs, (h, c), *weights = inference_step(
                 paddle.to_tensor(it, dtype="int64"),
                 (ctx["h"], ctx["c"]),
                 ctx["mean_feats"],
                 (ctx["values"], ctx["keys"]),
                 ctx["mask_bias"],
+                return_attention,
             )
+            if return_attention:
+                return logprobs.numpy(), dict(ctx, h=h, c=c), weights[0].numpy()
             return logprobs.numpy(), dict(ctx, h=h, c=c)
 
         def reorder(ctx, index):
@@ -315,6 +325,7 @@ class AoAModel(nn.Layer):
             max_length=max_length,
             greedy_unk=greedy_unk,
             unk_idx=self.unk_idx,
+            return_attention=return_attention,
             **options,
         )
 
@@ -361,7 +372,7 @@ class InferenceStep:
         lstm = model.core.att_lstm
         self.b_lstm = lstm.bias_ih + lstm.bias_hh
 
-    def __call__(self, it, state, mean_feats, memory, mask_bias):
+    def __call__(self, it, state, mean_feats, memory, mask_bias, return_attention: bool = False):
         model, core = self.model, self.model.core
         lstm = core.att_lstm
         state_h, state_c = state
@@ -372,8 +383,8 @@ class InferenceStep:
         i, f, g, o = paddle.split(gates, 4, axis=-1)  # Paddle's (and PyTorch's) LSTMCell gate order
         c_att = F.sigmoid(f) * state_c[0] + F.sigmoid(i) * paddle.tanh(g)
         h_att = F.sigmoid(o) * paddle.tanh(c_att)
-        out, h, c = core.after_lstm(h_att, c_att, memory, mask_bias, state_c)
-        return recurrence.log_softmax(model.logit(out)), (h, c)
+        out, h, c, *weights = core.after_lstm(h_att, c_att, memory, mask_bias, state_c, return_attention)
+        return (recurrence.log_softmax(model.logit(out)), (h, c), *weights)
 
 
 class FoldedStep(nn.Layer):
@@ -406,7 +417,7 @@ class FoldedStep(nn.Layer):
         p.stop_gradient = True
         return p
 
-    def forward(self, it, state, mean_feats, memory, mask_bias):
+    def forward(self, it, state, mean_feats, memory, mask_bias, return_attention: bool = False):
         state_h, state_c = state
         core = self.model.core
         gates = paddle.gather(self.word_gates, it) + paddle.matmul(
@@ -415,10 +426,11 @@ class FoldedStep(nn.Layer):
         i, f, g, o = paddle.split(gates, 4, axis=-1)  # Paddle's (and PyTorch's) LSTMCell gate order
         c_att = F.sigmoid(f) * state_c[0] + F.sigmoid(i) * paddle.tanh(g)
         h_att = F.sigmoid(o) * paddle.tanh(c_att)
-        out, h, c = core.after_lstm(h_att, c_att, memory, mask_bias, state_c)
-        return log_softmax(self.model.logit(out)), (h, c)
+        out, h, c, *weights = core.after_lstm(h_att, c_att, memory, mask_bias, state_c, return_attention)
+        return (log_softmax(self.model.logit(out)), (h, c), *weights)
 
 
 def build_model(vocab_size: int, **options) -> AoAModel:
-    """AoAModel with the reference option names; unspecified options take the authors' recipe (§1.7)."""
+    """AoAModel with the reference option names; unspecified options take the authors' recipe (docs/model.md,
+    "Options")."""
     return AoAModel(vocab_size, ModelOptions.from_dict(options))

@@ -1,7 +1,8 @@
-"""Building blocks of AoANet with the reference's numerics and parameter names (aoanet-reference.md §1).
+"""Building blocks of AoANet with the reference's numerics and parameter names (docs/model.md).
 
-Initialisation follows PyTorch's defaults (§1.5), not Paddle's: Linear weight and bias U(±1/sqrt(fan_in)),
-Embedding N(0, 1), LSTMCell U(±1/sqrt(hidden)). Linear weights are stored in Paddle's [in, out] layout.
+Initialisation follows PyTorch's defaults (docs/model.md, "Parameters"), not Paddle's: Linear weight and bias
+U(±1/sqrt(fan_in)), Embedding N(0, 1), LSTMCell U(±1/sqrt(hidden)). Linear weights are stored in Paddle's
+[in, out] layout.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def torch_lstm_cell(input_size: int, hidden_size: int) -> nn.LSTMCell:
 
 
 def log_softmax(x: paddle.Tensor) -> paddle.Tensor:
-    # Paddle's CPU log_softmax kernel grows with vocabulary^2; this form gives the same values ~100x faster.
+    # Paddle's CPU log_softmax kernel grows with vocabulary^2; this form gives the same values, much faster
+    # (docs/benchmarks.md).
     return x - paddle.logsumexp(x, axis=-1, keepdim=True)
 
 
@@ -179,14 +181,16 @@ def _merge_heads(x):
     return x.transpose([0, 2, 1, 3]).reshape([b, n, h * d])
 
 
-def attend(query, key, value, mask_bias, dropout: nn.Layer):
-    """Scaled dot-product attention over heads. mask_bias is [B, 1, 1, N] (0 valid, MASK_FILL padding) or None."""
+def attend(query, key, value, mask_bias, dropout: nn.Layer, return_probs: bool = False):
+    """Scaled dot-product attention over heads. mask_bias is [B, 1, 1, N] (0 valid, MASK_FILL padding) or None.
+    ``return_probs``: also the attention weights [B, h, q, N] (before dropout)."""
     d_k = query.shape[-1]
     scores = paddle.matmul(query, key, transpose_y=True) * (1.0 / math.sqrt(d_k))
     if mask_bias is not None:
         scores = scores + mask_bias
     probs = F.softmax(scores, axis=-1)
-    return paddle.matmul(dropout(probs), value)
+    out = paddle.matmul(dropout(probs), value)
+    return (out, probs) if return_probs else out
 
 
 def mask_to_bias(att_masks):
@@ -197,7 +201,8 @@ def mask_to_bias(att_masks):
 
 
 class RefinerAttention(nn.Layer):
-    """Multi-head self-attention of the refiner with the AoA gate and no output projection (§1.2)."""
+    """Multi-head self-attention of the refiner with the AoA gate and no output projection (docs/model.md,
+    "Encoder")."""
 
     def __init__(
         self, d_model: int, num_heads: int, refine_aoa: bool, dropout_aoa: float, dropout: float = 0.1
@@ -264,7 +269,7 @@ class RefinerLayer(nn.Layer):
 
 
 class Refiner(nn.Layer):
-    """The AoA refining module: N pre-LN layers, then a final LayerNorm (§1.2)."""
+    """The AoA refining module: N pre-LN layers, then a final LayerNorm (docs/model.md, "Encoder")."""
 
     def __init__(self, d_model, num_heads, num_layers, refine_aoa, dropout_aoa, use_ff, dropout: float = 0.1):
         super().__init__()
@@ -292,20 +297,32 @@ class DecoderAttention(nn.Layer):
         self.linears = nn.LayerList([torch_linear(d_model, d_model)])
         self.dropout = Dropout(dropout)
 
-    def forward(self, h, value_heads, key_heads, mask_bias):
+    def forward(self, h, value_heads, key_heads, mask_bias, return_weights: bool = False):
         """h [I*k, R]: decoder rows, image-major, k per image; value_heads/key_heads [I, h, N, d_k] (split once
         per sequence, not per step); mask_bias [I, 1, 1, N]. k = 1 in the training loops; in beam search the k
         beams of an image share its keys/values, so a step reads each image's memory once, as [k, d_k] x
-        [d_k, N] products per head, instead of k expanded copies of it."""
+        [d_k, N] products per head, instead of k expanded copies of it.
+
+        ``return_weights``: also each row's attention weights over the regions, per head, [I*k, h, N]."""
         i, r = value_heads.shape[0], h.shape[-1]
         q = self.linears[0](self.norm(h)).reshape([i, -1, self.num_heads, r // self.num_heads])
-        out = attend(q.transpose([0, 2, 1, 3]), key_heads, value_heads, mask_bias, self.dropout)  # [I, h, k, d_k]
+        out, probs = attend(
+            q.transpose([0, 2, 1, 3]), key_heads, value_heads, mask_bias, self.dropout, return_probs=True
+        )  # [I, h, k, d_k], [I, h, k, N]
         # flatten, not reshape([-1, R]): paddle.inference 3.3 rejects that reshape (a PIR pass mistypes it)
-        return out.transpose([0, 2, 1, 3]).flatten(2).flatten(0, 1)  # [I*k, R]
+        out = out.transpose([0, 2, 1, 3]).flatten(2).flatten(0, 1)  # [I*k, R]
+        if not return_weights:
+            return out
+        if mask_bias is not None:
+            # Paddle's CPU softmax leaves ~1e-28 on the padded regions (its exponential does not underflow to 0):
+            # the weights handed out are exactly 0 there
+            probs = probs * (mask_bias > MASK_FILL / 2).astype(probs.dtype)
+        return out, probs.transpose([0, 2, 1, 3]).flatten(0, 1)  # [I*k, h, N]
 
 
 class AoADecoderCore(nn.Layer):
-    """One decoder step (§1.3): LSTM on [word; mean + ctx_drop(c_{t-1})], attention, AoA (att2ctx)."""
+    """One decoder step (docs/model.md, "Decoder step"): LSTM on [word; mean + ctx_drop(c_{t-1})], attention, AoA
+    (att2ctx)."""
 
     def __init__(
         self,
@@ -331,18 +348,23 @@ class AoADecoderCore(nn.Layer):
         r, h = self.rnn_size, self.attention.num_heads
         return _split_heads(p_att_feats[:, :, :r], h), _split_heads(p_att_feats[:, :, r:], h)
 
-    def forward(self, xt, mean_feats, memory, mask_bias, state_h, state_c):
+    def forward(self, xt, mean_feats, memory, mask_bias, state_h, state_c, return_attention: bool = False):
         """memory = split_memory(p_att_feats), computed once per sequence, a row per image or per decoder row
         (see DecoderAttention.forward); mask_bias = mask_to_bias(att_masks), likewise."""
         lstm_in = paddle.concat([xt, mean_feats + self.ctx_drop(state_h[1])], axis=1)
         h_att, c_att = self.att_lstm(lstm_in, (state_h[0], state_c[0]))[1]
-        return self.after_lstm(h_att, c_att, memory, mask_bias, state_c)
+        return self.after_lstm(h_att, c_att, memory, mask_bias, state_c, return_attention)
 
-    def after_lstm(self, h_att, c_att, memory, mask_bias, state_c):
-        """The step from the attention LSTM's new (h, c) on: attention, AoA -> (output, next_h, next_c)."""
-        att = self.attention(h_att, memory[0], memory[1], mask_bias)
+    def after_lstm(self, h_att, c_att, memory, mask_bias, state_c, return_attention: bool = False):
+        """The step from the attention LSTM's new (h, c) on: attention, AoA -> (output, next_h, next_c), and with
+        ``return_attention`` the attention weights over the regions per head [rows, h, N] as a fourth result."""
+        att = self.attention(h_att, memory[0], memory[1], mask_bias, return_weights=return_attention)
+        if return_attention:
+            att, weights = att
         ctx = self.att2ctx(paddle.concat([att, h_att], axis=1))
         next_h = paddle.stack([h_att, ctx])
         next_c = paddle.stack([c_att, state_c[1]])
         out = ctx + h_att if self.out_res else ctx
+        if return_attention:
+            return self.out_drop(out), next_h, next_c, weights
         return self.out_drop(out), next_h, next_c

@@ -1,4 +1,5 @@
-"""Model options, with the reference's option names and the authors' AoA recipe as defaults (§1.7, right column)."""
+"""Model options, with the reference's option names and the authors' AoA recipe as defaults (docs/model.md,
+"Options")."""
 
 from __future__ import annotations
 

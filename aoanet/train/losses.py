@@ -1,4 +1,4 @@
-"""Training losses of the reference (aoanet-reference.md §3.2, §3.3). All are token-level means: sum / sum(mask)."""
+"""Training losses of the authors' code (docs/model.md, "Training"). All are token-level means: sum / sum(mask)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Self-critical rewards (§3.3): CIDEr-D of each sample minus a baseline, in the reference's token-id form."""
+"""Self-critical rewards (docs/model.md, "SCST reward"): CIDEr-D of each sample minus a baseline, in the
+reference's token-id form."""
 
 from __future__ import annotations
 

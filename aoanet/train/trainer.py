@@ -1,11 +1,15 @@
 """The training loop shared by both stages: cross-entropy (XE) and self-critical sequence training (SCST).
 
 What a run guarantees:
-- checkpoints are written atomically (``aoanet.train.checkpoint``): ``model`` (last) and ``model-best`` (val CIDEr);
+- one writer per checkpoint directory (``train.lock``, ``aoanet.train.runlock``), and a new run never replaces an
+  earlier one's files unless asked to (``overwrite=True``);
+- each save is a verified set (``aoanet.train.checkpoint``): the last weights, the best ones (val CIDEr), the
+  optimizer and the training state of one iteration, bound by a manifest written last;
 - ``resume=True`` continues exactly: weights, optimizer, loader position and RNG states are restored, so a run
-  killed and resumed ends with the same weights as one that was not (with the same number of ranks; what a
-  resume on another number of ranks changes is said in ``aoanet.train.distributed``);
-- a non-finite loss stops the run naming the iteration; the last good checkpoint is kept;
+  killed at any point (even during a save) and resumed ends with the same weights as one that was not (with the
+  same number of ranks; what a resume on another number of ranks changes is said in
+  ``aoanet.train.distributed``); ``metrics.jsonl`` is cut back to the resumed save;
+- a non-finite loss stops the run naming the iteration; the last checkpoint is kept;
 - progress bar with loss, rate and ETA; metrics appended to ``metrics.jsonl``; VisualDL scalars when installed;
   ``curves.png`` (training loss and validation scores) at the end;
 - under ``paddle.distributed.launch`` it trains data-parallel (``aoanet.train.distributed``: sharded batches,
@@ -38,6 +42,7 @@ from aoanet.train.distributed import (
 )
 from aoanet.train.losses import language_model_loss, reward_loss, reward_mask
 from aoanet.train.optim import build_optimizer
+from aoanet.vision.extract import extractor_record
 
 STATE_FORMAT = "aoanet-train-state/1"
 
@@ -100,15 +105,37 @@ class Trainer:
     """One training run of a stage ('xe' or 'scst') with a validated config."""
 
     def __init__(self, cfg: Config, stage: str, resume: bool = False, start_from: str | None = None,
-                 progress: bool = True):
-        from aoanet.data.loader import CaptionData
-
+                 progress: bool = True, overwrite: bool = False):
         if stage not in ("xe", "scst"):
             raise ValueError(f"stage must be 'xe' or 'scst', got {stage!r}")
         self.cfg, self.stage = cfg, stage
         self.dist = Ranks()  # joins the launcher's process group, if any (aoanet.train.distributed)
         self.progress = progress and self.dist.main
         self.dir = Path(cfg.train.checkpoint_path)
+        self.lock = ckpt.RunLock(self.dir)
+        self.saver = ckpt.CheckpointWriter(self.dir)
+        self._saved_iteration: int | None = None  # of the checkpoint in self.dir, if any
+        self._carry: dict[str, bytes] = {}  # files of the next save taken from an earlier version's checkpoint
+        self._loader = None
+        if start_from and not resume and Path(start_from).resolve() == self.dir.resolve():
+            raise ckpt.CheckpointError(
+                f"--start-from {start_from} is train.checkpoint_path itself: the new stage needs its own directory")
+        if self.dist.main:  # rank 0 alone writes the directory
+            self.lock.acquire()
+        try:
+            if self.dist.main:
+                if resume:
+                    self.saver.collect_garbage()  # what a killed save left behind
+                else:
+                    ckpt.prepare_new_run(self.dir, overwrite)
+            self._setup(cfg, stage, resume, start_from)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: Config, stage: str, resume: bool, start_from: str | None) -> None:
+        from aoanet.data.loader import CaptionData
+
         set_threads(cfg.train.num_threads or self.dist.threads_per_rank())
         self.amp = Precision(cfg.train.amp)
         seed_all(cfg.train.seed)  # the same on every rank: identical initial weights
@@ -117,6 +144,8 @@ class Trainer:
         self.data = CaptionData(d.input_json, d.input_label_h5, d.input_att_dir,
                                 att_feat_size=self.model_width(cfg), seq_per_img=d.seq_per_img)
         self.model = AoAModel(self.data.vocab_size, cfg.model_options())
+        # The image extractor the features came from (None for bottom-up or generated features), kept in model.json.
+        self.extractor = extractor_record(d.input_att_dir, self.model_width(cfg))
         self.optimizer = build_optimizer(cfg.train, self.model.parameters())
         seed_all(cfg.train.seed + self.dist.rank)  # dropout and sampling differ across ranks
         self.state = {"format": STATE_FORMAT, "stage": stage, "epoch": 0, "iteration": 0, "loader": None,
@@ -141,15 +170,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoint I/O
     def _resume(self):
-        path = self.dir / "state.json"
-        if not path.is_file():
-            raise ckpt.CheckpointError(f"cannot resume: {path} does not exist (no checkpoint saved yet)")
-        state = json.loads(path.read_text())
-        if state.get("format") != STATE_FORMAT or state.get("stage") != self.stage:
-            raise ckpt.CheckpointError(f"{path}: not a {self.stage} training state")
-        weights = paddle.load(str(self.dir / ckpt.WEIGHTS["last"]))
-        ckpt.load_state_dict_checked(self.model, weights, str(self.dir / ckpt.WEIGHTS["last"]))
-        ckpt.load_portable_optimizer_state(self.model, self.optimizer, paddle.load(str(self.dir / "optimizer.pdopt")))
+        if not (self.dir / ckpt.MANIFEST).is_file() and not (self.dir / "state.json").is_file():
+            raise ckpt.CheckpointError(
+                f"cannot resume: {self.dir} holds no checkpoint ({ckpt.MANIFEST} does not exist: nothing was saved "
+                "yet); start the run without --resume")
+        state = ckpt.with_checkpoint(self.dir, self._restore)
+        self._saved_iteration = state["iteration"]
         self.optimizer.set_lr(state["lr"])
         rng = rank_rng_state(state.get("rng"), self.dist.rank)
         if rng is not None:
@@ -158,20 +184,71 @@ class Trainer:
             seed_all(derived_seed(self.cfg.train.seed, self.dist.rank, state["iteration"]))
         self.amp.set_state_dict(state.get("amp_scaler"))
         self.state = state
+        if self.dist.main:
+            self._cut_metrics(state)
+
+    def _restore(self, ck: ckpt.Checkpoint) -> dict:
+        """Weights, optimizer and training state of the checkpoint in self.dir (every file verified)."""
+        state = ck.state()
+        where = ck.path("state") if ck.has("state") else self.dir
+        if state is None:
+            raise ckpt.CheckpointError(
+                f"cannot resume: {self.dir} holds a model but no training state (a converted checkpoint?); start a "
+                "new run from it with --start-from")
+        if state.get("format") != STATE_FORMAT or state.get("stage") != self.stage:
+            raise ckpt.CheckpointError(
+                f"{where}: not a {self.stage} training state (stage {state.get('stage')!r}, format "
+                f"{state.get('format')!r})")
+        missing = [k for k in ("iteration", "epoch", "lr", "history", "loader") if k not in state]
+        if missing:
+            raise ckpt.CheckpointError(f"{where}: field(s) {', '.join(missing)} missing from the training state")
+        weights, source = ck.weights("last")
+        ckpt.load_state_dict_checked(self.model, weights, source)
+        optimizer = ck.optimizer_state()
+        if optimizer is None:
+            raise ckpt.CheckpointError(f"cannot resume: {self.dir} has no optimizer state")
+        ckpt.load_portable_optimizer_state(self.model, self.optimizer, optimizer)
+        if ck.legacy and ck.has("weights_best"):  # carried into the first save of the current format
+            self._carry["weights_best"] = ckpt.tensors_to_bytes(ck.weights("best")[0])
+        return state
+
+    def _cut_metrics(self, state: dict) -> None:
+        """Drop the events logged after the resumed save (they happen again), and a line cut by a kill."""
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        size = state.get("metrics_bytes")
+        if isinstance(size, int):
+            if path.stat().st_size > size:
+                os.truncate(path, size)
+            return
+        # an earlier version's state: keep the events up to the resumed iteration
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("stage") != self.stage or event.get("iteration", 0) <= state["iteration"]:
+                kept.append(line + "\n")
+        ckpt.atomic_write_text(path, "".join(kept))
 
     def _start_from(self, directory):
-        """SCST starts from the LAST XE checkpoint with its optimizer state (Adam moments), lr reset (§3.3)."""
-        src = Path(directory)
-        meta = ckpt.read_model_json(src)
+        """SCST starts from the LAST XE checkpoint with its optimizer state (Adam moments), lr reset
+        (docs/model.md, "Training")."""
+        ckpt.with_checkpoint(Path(directory), self._load_start)
+        self.optimizer.set_lr(self.cfg.train.learning_rate)
+
+    def _load_start(self, ck: ckpt.Checkpoint) -> None:
+        meta = ck.model_meta()
         if meta["vocab_size"] != self.data.vocab_size:
             raise ckpt.CheckpointError(
-                f"{src}: vocabulary of {meta['vocab_size']} words, but the data has {self.data.vocab_size}")
-        weights = paddle.load(str(src / ckpt.WEIGHTS["last"]))
-        ckpt.load_state_dict_checked(self.model, weights, str(src / ckpt.WEIGHTS["last"]))
-        opt_path = src / "optimizer.pdopt"
-        if opt_path.is_file():
-            ckpt.load_portable_optimizer_state(self.model, self.optimizer, paddle.load(str(opt_path)))
-        self.optimizer.set_lr(self.cfg.train.learning_rate)
+                f"{ck.directory}: vocabulary of {meta['vocab_size']} words, but the data has {self.data.vocab_size}")
+        weights, source = ck.weights("last")
+        ckpt.load_state_dict_checked(self.model, weights, source)
+        optimizer = ck.optimizer_state()
+        if optimizer is not None:
+            ckpt.load_portable_optimizer_state(self.model, self.optimizer, optimizer)
 
     def save(self, best: bool):
         # every rank's RNG state (a collective: all ranks call save); rank 0 writes
@@ -180,21 +257,28 @@ class Trainer:
         self.state["world_size"] = self.dist.world_size
         self.state["amp_scaler"] = self.amp.state_dict()
         if self.dist.main:
+            metrics = self.dir / "metrics.jsonl"
+            self.state["metrics_bytes"] = metrics.stat().st_size if metrics.is_file() else 0
             self._write_checkpoint(best)
         self.dist.barrier()
 
     def _write_checkpoint(self, best: bool):
-        self.dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_model_json(self.dir, self.model, self.data.vocab)
-        ckpt.atomic_write_text(self.dir / "config.yml", dump_config(self.cfg))
-        weights = self.model.state_dict()
-        ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["last"])
-        if best:
-            ckpt.atomic_paddle_save(weights, self.dir / ckpt.WEIGHTS["best"])
-        ckpt.atomic_paddle_save(ckpt.portable_optimizer_state(self.model, self.optimizer),
-                                self.dir / "optimizer.pdopt")
-        # state.json last: it is what --resume trusts, and it only points at files already in place
-        ckpt.atomic_write_text(self.dir / "state.json", json.dumps(self.state))
+        """One save, as a set (aoanet.train.checkpoint): until its manifest replaces the previous one, the previous
+        save is the checkpoint."""
+        files = {
+            "model": ckpt.model_json_bytes(self.model, self.data.vocab, extractor=self.extractor),
+            "config": dump_config(self.cfg).encode("utf-8"),
+            "weights_last": ckpt.weights_bytes(self.model),
+            "optimizer": ckpt.optimizer_bytes(ckpt.portable_optimizer_state(self.model, self.optimizer)),
+            "state": json.dumps(self.state).encode("utf-8"),
+        }
+        if not best:
+            files.update(self._carry)
+        info = {k: self.state[k] for k in ("stage", "iteration", "epoch", "finished")}
+        self.saver.save(files, same={"weights_best": "weights_last"} if best else {}, keep=("weights_best",),
+                         info=info)
+        self._carry = {}
+        self._saved_iteration = self.state["iteration"]
 
     # ----------------------------------------------------------------------------------- logging
     def _visualdl(self):
@@ -220,7 +304,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- schedules
     def epoch_schedule(self, epoch: int) -> tuple[float, float]:
-        """(learning rate, scheduled-sampling probability) at the start of an epoch (§3.2)."""
+        """(learning rate, scheduled-sampling probability) at the start of an epoch (docs/model.md, "Training")."""
         t = self.cfg.train
         if self.stage == "scst":
             return self.state["lr"], 0.0
@@ -310,7 +394,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- the loop
     def run(self) -> dict:
-        """Train until max_epochs (or max_iters)."""
+        """Train until max_epochs (or max_iters); however it ends, the loader's workers stop and the lock is
+        released."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         from aoanet.data.loader import build_loader
 
         if self.stage == "scst" and self.scorer is None:
@@ -320,9 +411,9 @@ class Trainer:
         set_rng_state(self._rng_at_start)
         t, d = self.cfg.train, self.cfg.data
         step_fn = self.xe_step if self.stage == "xe" else self.scst_step
-        loader = build_loader(self.data, split="train", batch_size=t.batch_size, shuffle=True, seed=t.seed,
-                              num_workers=d.num_workers, epoch=self.state["epoch"], rank=self.dist.rank,
-                              world_size=self.dist.world_size)
+        loader = self._loader = build_loader(
+            self.data, split="train", batch_size=t.batch_size, shuffle=True, seed=t.seed, num_workers=d.num_workers,
+            epoch=self.state["epoch"], rank=self.dist.rank, world_size=self.dist.world_size)
         per_epoch = len(loader)
         total = t.max_epochs * per_epoch if t.max_iters < 0 else min(t.max_iters, t.max_epochs * per_epoch)
         bar = tqdm(total=total, initial=min(self.state["iteration"], total), desc=f"{self.stage}", unit="it",
@@ -346,9 +437,12 @@ class Trainer:
                     # loss to back-propagate, and the token mean over all ranks' batches
                     loss, value = self.dist.global_token_mean(out["loss"], out["tokens"])
                     if not math.isfinite(value):
+                        kept = (f"the last checkpoint in {self.dir} (iteration {self._saved_iteration}) is kept"
+                                if self._saved_iteration is not None else
+                                f"no checkpoint had been saved yet in {self.dir}")
                         raise TrainingDiverged(
                             f"{self.stage}: the loss became {value} at iteration {it} (epoch {epoch}); training "
-                            f"stopped, the last good checkpoint in {self.dir} is kept")
+                            f"stopped; {kept}")
                     self.amp.backward(loss)
                     self.dist.all_reduce_gradients(self.model.parameters())
                     self.amp.step(self.optimizer)
@@ -378,11 +472,18 @@ class Trainer:
                 self._validate_and_save()  # its save records the finished state
             else:
                 self.save(best=False)
+            if self.dist.main:
+                self.plot_curves()
         finally:
             bar.close()
-        if self.dist.main:
-            self.plot_curves()
         return self.state
+
+    def close(self) -> None:
+        """Stop the loader's workers and release the directory's lock (run() does it when it ends, however)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        self.lock.release()
 
     def _loader_state(self) -> dict:
         """The saved loader position, re-sharded when the world size or batch size changed since it was saved."""
