@@ -1,5 +1,6 @@
-"""Which math-library settings suit this CPU. Nothing here runs at import: the command-line entry points, the
-scripts and the test suite call ``configure_math_library()`` before Paddle is first imported.
+"""Which math-library and allocator settings suit this CPU. Nothing here runs at import: the command-line entry
+points, the scripts and the test suite call ``configure_math_library()`` before Paddle is first imported, and the
+training and evaluation commands ``configure_allocator()``.
 
 Paddle's bundled MKL picks its code path by CPU vendor: on AMD CPUs it takes a slow generic path unless
 ``MKL_DEBUG_CPU_TYPE=5`` forces the AVX2 one, while on Intel CPUs with AVX-512 the same setting takes the fast
@@ -9,7 +10,9 @@ AVX-512 path away. So it is set on AMD CPUs only, and never over a value the use
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from pathlib import Path
 
 MKL_CPU_TYPE = "MKL_DEBUG_CPU_TYPE"
@@ -35,3 +38,30 @@ def configure_math_library(environ=None, cpuinfo: str | None = None) -> dict:
         return {}
     environ[MKL_CPU_TYPE] = "5"
     return {MKL_CPU_TYPE: "5"}
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+KEEP_FREED_BYTES = 1 << 30
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def configure_allocator(environ=None) -> dict:
+    """Keep freed memory in the process instead of handing it back to the OS (glibc only).
+
+    Paddle's CPU tensors come from malloc, and glibc serves every block above 32 MB (the full-size model's
+    log-probabilities, its embedding and output-layer gradients) with a fresh mmap: each such tensor costs ~8,000
+    page faults, several times the arithmetic done on it. With mmap off (``M_MMAP_MAX`` 0) and a high trim
+    threshold, freed blocks are reused; the peak memory is unchanged (docs/benchmarks.md, "Training speed").
+    Left alone when the user set glibc's own malloc variables. Returns what was set ({} when nothing).
+    """
+    environ = os.environ if environ is None else environ
+    if any(name in environ for name in GLIBC_MALLOC_ENV) or platform.libc_ver()[0] != "glibc":
+        return {}
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return {}
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES) != 1:
+        return {}
+    return {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": KEEP_FREED_BYTES}

@@ -220,14 +220,14 @@ def measure(fp32_files: dict, int8_files: dict, att_feat_size: int, threads: int
         )
     rows = [case.rows * parity.STEPS for case in parity.DEFAULT_CASES]
     agreeing = sum(r["argmax_agreement"]["int8"] * n for r, n in zip(results, rows, strict=True))
-    from aoanet_runtime.sessions import INT8_PRECISION_OPTION, cpu_has_int8_dot
+    from aoanet_runtime.sessions import cpu_has_int8_dot, int8_session_entries
 
     return {
         "reference": "the fp32 ONNX graphs (onnxruntime)",
         # int8 kernels differ by CPU: the figures below hold for the one they were measured on
         "measured_on": {
             "cpu_int8_dot_product": cpu_has_int8_dot(),  # x86 VNNI; None: unknown (not x86)
-            "session_options": dict([INT8_PRECISION_OPTION]),
+            "session_options": int8_session_entries(),
         },
         "steps": parity.STEPS,
         "cases": [[c.batch, c.regions] for c in parity.DEFAULT_CASES],

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "choose_providers", "cpu_has_int8_dot", "default_threads", "session_options"]
+__all__ = [
+    "CPU", "CUDA", "choose_providers", "cpu_has_int8_dot", "default_threads", "int8_session_entries", "session_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,10 @@ DEFAULT_SPINNING = False
 
 # On x86 CPUs without VNNI, onnxruntime's u8 x s8 kernel adds pairs of products in 16 bits, which saturate when both
 # factors are large, and int8 captions drift far from fp32's. With this option onnxruntime converts the int8
-# weights to uint8 at session creation and runs its u8 x u8 kernel, which does not saturate; it acts only on such
-# CPUs and only on quantized weights (docs/int8.md).
+# weights to uint8 at session creation and runs its u8 x u8 kernel, which does not saturate. onnxruntime applies it
+# on every x86 CPU with AVX2 (its test is that the u8 x s8 and u8 x u8 kernel tables differ), VNNI and AMX ones
+# included, where the u8 x s8 products are exact already (32-bit sums) and the u8 x u8 kernel has neither VNNI nor
+# AMX: so it is set only where the CPU has no int8 dot product (docs/int8.md, docs/benchmarks.md).
 INT8_PRECISION_OPTION = ("session.x64quantprecision", "1")
 # x86 instruction sets with int8 dot products (/proc/cpuinfo flags): what makes the int8 graphs fast.
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -44,7 +48,17 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
+def int8_session_entries(cpuinfo: str | None = None) -> dict:
+    """The session entries the int8 graphs need on this CPU: the u8 x u8 kernels where u8 x s8 would saturate
+    (no int8 dot product, or unknown); none on CPUs with VNNI or AMX, whose u8 x s8 kernels are exact."""
+    has_dot = cpu_has_int8_dot() if cpuinfo is None else cpu_has_int8_dot(cpuinfo)
+    return {} if has_dot else dict([INT8_PRECISION_OPTION])
+
+
+def session_options(
+    threads: int | None = None, spinning: bool | None = None, cpuinfo: str | None = None
+) -> ort.SessionOptions:
+    """``cpuinfo``: the text of /proc/cpuinfo that decides the int8 entries (read when None)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or default_threads())
     options.inter_op_num_threads = 1
@@ -53,7 +67,8 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     spin = DEFAULT_SPINNING if spinning is None else bool(spinning)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
-    options.add_session_config_entry(*INT8_PRECISION_OPTION)
+    for key, value in int8_session_entries(cpuinfo).items():
+        options.add_session_config_entry(key, value)
     options.log_severity_level = 3  # errors only
     return options
 

@@ -191,12 +191,18 @@ def matmul_rates(threads: int, repeats: int = 10) -> dict:
         out[f"onnxruntime_spin{spin}_gflops"] = flops / t / 1e9
     out["gflops"] = max(out.values())
     out["int8_gops"] = int8_matmul_rate(model, a, threads, repeats)
+    # onnxruntime's two int8 kernels on this CPU: u8 x u8 (the x64quantprecision option) and u8 x s8 (VNNI/AMX
+    # where present; on AVX2 alone it saturates: docs/int8.md)
+    out["int8_u8u8_gops"] = int8_matmul_rate(model, a, threads, repeats, u8u8=True)
+    out["int8_u8s8_gops"] = int8_matmul_rate(model, a, threads, repeats, u8u8=False)
     return out
 
 
-def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int) -> float:
+def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int, u8u8: bool | None = None) -> float:
     """GOP/s (2 per multiply-add) of the same product quantized as the --int8 graphs are (quantize_dynamic,
-    per-channel int8 weights, activations quantized at run time): the ceiling for the int8 backend."""
+    per-channel int8 weights, activations quantized at run time): the ceiling for the int8 backend. ``u8u8``:
+    None runs it as the runtime does on this CPU; True/False forces onnxruntime's u8 x u8 kernel (the
+    x64quantprecision option) or its u8 x s8 one (VNNI/AMX where the CPU has them)."""
     import tempfile
 
     import onnx
@@ -209,8 +215,10 @@ def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int) -> f
         src, dst = Path(work) / "matmul.onnx", Path(work) / "matmul.int8.onnx"
         onnx.save(fp32_model, str(src))
         quantize.quantize_file(src, dst)
-        # as the runtime runs the int8 graphs (spinning off; int8 without u8 x s8 saturation on CPUs without VNNI)
-        options = session_options(threads, spinning=False)
+        # as the runtime runs the int8 graphs (spinning off; the u8 x u8 kernel on CPUs without VNNI), or with the
+        # entries the runtime picks for a CPU without int8 dot products (u8 x u8) or with them (u8 x s8)
+        cpuinfo = None if u8u8 is None else ("flags\t: avx2\n" if u8u8 else "flags\t: avx2 avx512_vnni\n")
+        options = session_options(threads, spinning=False, cpuinfo=cpuinfo)
         session = ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
     session.run(None, {"A": a})
     t, _ = best_of(lambda: session.run(None, {"A": a}), repeats)
@@ -275,7 +283,19 @@ def main() -> int:
     p.add_argument("--sweep-images", type=int, default=50, help="images per session-option setting (0: skip)")
     p.add_argument("--work", type=Path, default=Path("/tmp/aoanet-bench-infer"))
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "infer.json")
+    p.add_argument("--rates-only", action="store_true",
+                   help="only the matmul rates (fp32, int8 as the runtime runs it, int8 u8 x u8 and u8 x s8)")
     args = p.parse_args()
+    if args.rates_only:
+        rates = {"machine": {"cpu": cpu_name(), "isa": cpu_isa(), "threads": args.threads},
+                 "product": "(1024 x 1024) @ (1024 x 4096), best of --repeats x 10",
+                 "matmul_rate": matmul_rates(args.threads, 10 * args.repeats)}
+        rates["machine"]["load_average_after"] = list(os.getloadavg())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rates, indent=1))
+        print(json.dumps(rates["matmul_rate"], indent=1))
+        print(f"wrote {args.out}")
+        return 0
 
     import onnxruntime as ort
 

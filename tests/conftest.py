@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from aoanet.cpu import configure_math_library
+from aoanet.cpu import configure_allocator, configure_math_library
 
 configure_math_library()  # before any test imports Paddle, as the commands do
+configure_allocator()
 
 from aoanet.cli.data import app as data_app  # noqa: E402
 

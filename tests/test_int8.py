@@ -26,7 +26,13 @@ from aoanet_export import manifest as manifest_mod
 from aoanet_runtime import Captioner, ExportDirError
 from aoanet_runtime import sessions as sessions_mod
 from aoanet_runtime.contract import FORMAT_VERSION
-from aoanet_runtime.sessions import CPU, INT8_PRECISION_OPTION, cpu_has_int8_dot, session_options
+from aoanet_runtime.sessions import (
+    CPU,
+    INT8_PRECISION_OPTION,
+    cpu_has_int8_dot,
+    int8_session_entries,
+    session_options,
+)
 
 INT8 = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
 
@@ -109,7 +115,7 @@ def test_int8_files_are_hashed_in_the_manifest(exported):
     assert all(np.isfinite(v) for v in q["max_abs_diff"].values())
     assert q["measured_on"] == {
         "cpu_int8_dot_product": cpu_has_int8_dot(),
-        "session_options": {"session.x64quantprecision": "1"},
+        "session_options": {} if cpu_has_int8_dot() else {"session.x64quantprecision": "1"},
     }
     assert q["argmax_agreement"] >= 0.9 and q["min_argmax_agreement"] <= q["argmax_agreement"]
     # the int8 decoder's candidate head equals numpy's top-k of its own log-probs at every step
@@ -275,7 +281,8 @@ def test_runtime_int8_products_are_exact_where_u8_s8_would_saturate():
     w = rng.integers(100, 128, (64, 16))
     exact = (x.astype(np.int64) @ w).astype(np.float64) * 0.5
     options = session_options(threads=1)
-    assert options.get_session_config_entry(INT8_PRECISION_OPTION[0]) == INT8_PRECISION_OPTION[1]
+    if not cpu_has_int8_dot():  # VNNI/AMX CPUs run the u8 x s8 kernels, which sum in 32 bits
+        assert options.get_session_config_entry(INT8_PRECISION_OPTION[0]) == INT8_PRECISION_OPTION[1]
     got = _session(_int8_matmul_graph(w), options).run(["y"], {"x": x})[0]
     np.testing.assert_allclose(got, exact, rtol=1e-6)  # float32 rounding of values up to ~1e6
 
@@ -290,8 +297,19 @@ def test_runtime_int8_products_are_exact_where_u8_s8_would_saturate():
     ],
 )
 def test_cpu_has_int8_dot(flags, expected):
-    assert cpu_has_int8_dot(f"processor\t: 0\nflags\t\t: {flags}\n") is expected
+    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n"
+    assert cpu_has_int8_dot(cpuinfo) is expected
     assert cpu_has_int8_dot("processor\t: 0\n") is None  # no flags line: unknown
+    # the u8 x u8 precision option only where u8 x s8 would saturate: on VNNI/AMX CPUs it would take their int8
+    # dot-product kernels away (onnxruntime applies it on every AVX2 CPU)
+    options = session_options(threads=1, cpuinfo=cpuinfo)
+    assert int8_session_entries(cpuinfo) == ({} if expected else dict([INT8_PRECISION_OPTION]))
+    if not expected:
+        assert options.get_session_config_entry(INT8_PRECISION_OPTION[0]) == INT8_PRECISION_OPTION[1]
+    else:
+        with pytest.raises(RuntimeError, match="does not have configuration"):  # the entry is absent
+            options.get_session_config_entry(INT8_PRECISION_OPTION[0])
+    assert int8_session_entries("processor\t: 0\n") == dict([INT8_PRECISION_OPTION])  # unknown: the safe one
 
 
 def test_runtime_int8_notice_on_cpus_without_vnni(export_dir, monkeypatch, caplog):

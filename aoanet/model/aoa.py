@@ -11,8 +11,10 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from aoanet.model import recurrence
 from aoanet.model.layers import (
     AoADecoderCore,
+    Dropout,
     Refiner,
     log_softmax,
     mask_to_bias,
@@ -39,10 +41,10 @@ class AoAModel(nn.Layer):
                 weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 1.0)),
             ),
             nn.ReLU(),
-            nn.Dropout(o.drop_prob_lm),
+            Dropout(o.drop_prob_lm),
         )
         self.att_embed = nn.Sequential(
-            torch_linear(o.att_feat_size, r), nn.ReLU(), nn.Dropout(o.drop_prob_lm)
+            torch_linear(o.att_feat_size, r), nn.ReLU(), Dropout(o.drop_prob_lm)
         )
         self.logit = torch_linear(r, self.vocab_size + 1)
         self.ctx2att = torch_linear(r, 2 * r)
@@ -132,14 +134,45 @@ class AoAModel(nn.Layer):
         ``ss_prob`` is the scheduled-sampling hook: for t >= 1 each row's input token is replaced, with that
         probability, by a sample from the model's previous-step distribution. Like the reference, the loop stops
         once every row's ground-truth input is 0; later positions get zero log-probs (they are masked anyway).
+
+        The loop over time runs in ``aoanet.model.recurrence`` (one autograd node with a hand-written backward);
+        under mixed-precision autocast it takes the per-step path, ``forward_stepwise`` (the same function).
         """
+        if not recurrence.available(att_feats):
+            return self.forward_stepwise(att_feats, att_masks, seq, seq_per_img, ss_prob)
         mean_feats, p_att_feats = self.encode(att_feats, att_masks)
-        mean_feats, p_att_feats, att_masks = self.expand(seq_per_img, mean_feats, p_att_feats, att_masks)
+        rows, steps = self._check_rows(att_feats, mean_feats, seq, seq_per_img)
+        run = self._steps_to_run(seq)
+        values, keys = self.core.split_memory(p_att_feats)
+        out, _ = recurrence.teacher_forcing(
+            self, mean_feats, values, keys, mask_to_bias(att_masks), seq[:, :run], ss_prob
+        )
+        if run < steps:
+            pad = paddle.zeros([rows, steps - run, out.shape[2]], dtype=out.dtype)
+            out = paddle.concat([out, pad], axis=1)
+        return out
+
+    @staticmethod
+    def _check_rows(att_feats, mean_feats, seq, seq_per_img):
         rows, steps = seq.shape[0], seq.shape[1] - 1
-        if mean_feats.shape[0] != rows:
+        if mean_feats.shape[0] * seq_per_img != rows:
             raise ValueError(
                 f"seq has {rows} rows but the batch has {att_feats.shape[0]} images x seq_per_img={seq_per_img}"
             )
+        return rows, steps
+
+    @staticmethod
+    def _steps_to_run(seq) -> int:
+        """Time steps until every row's ground-truth input is 0 (t >= 1), as the reference's loop breaks."""
+        inputs = seq.numpy()[:, : seq.shape[1] - 1]
+        ended = ~(inputs[:, 1:] != 0).any(axis=0)
+        return int(np.argmax(ended)) + 1 if ended.any() else inputs.shape[1]
+
+    def forward_stepwise(self, att_feats, att_masks, seq, seq_per_img: int = 1, ss_prob: float = 0.0):
+        """``forward`` with autograd through ``_step`` at every time step (mixed precision; tests' reference)."""
+        mean_feats, p_att_feats = self.encode(att_feats, att_masks)
+        rows, steps = self._check_rows(att_feats, mean_feats, seq, seq_per_img)
+        mean_feats, p_att_feats, att_masks = self.expand(seq_per_img, mean_feats, p_att_feats, att_masks)
         state = self.init_state(rows, mean_feats.dtype)
         memory, mask_bias = self.core.split_memory(p_att_feats), mask_to_bias(att_masks)
         outputs = []
@@ -167,8 +200,30 @@ class AoAModel(nn.Layer):
         """Multinomial sampling, batched, differentiable log-probs (used by SCST with dropout on).
 
         Returns (seqs int64 [B*sample_n, max_length], logprobs [B*sample_n, max_length]) as Paddle tensors; tokens
-        after a row's first EOS are 0 (the log-probs there are masked by the loss).
+        after a row's first EOS are 0 (the log-probs there are masked by the loss). The loop over time runs in
+        ``aoanet.model.recurrence``; under autocast, ``sample_stepwise``.
         """
+        if not recurrence.available(att_feats):
+            return self.sample_stepwise(att_feats, att_masks, sample_n, max_length, temperature)
+        mean_feats, p_att_feats = self.encode(att_feats, att_masks)
+        values, keys = self.core.split_memory(p_att_feats)
+        seqs, logps = recurrence.sample(
+            self, mean_feats, values, keys, mask_to_bias(att_masks), sample_n, max_length, temperature
+        )
+        return self._pad_samples(seqs, logps, max_length)
+
+    @staticmethod
+    def _pad_samples(seqs, logps, max_length):
+        if seqs.shape[1] < max_length:
+            rows, pad = seqs.shape[0], max_length - seqs.shape[1]
+            seqs = paddle.concat([seqs, paddle.zeros([rows, pad], dtype="int64")], axis=1)
+            logps = paddle.concat([logps, paddle.zeros([rows, pad], dtype=logps.dtype)], axis=1)
+        return seqs, logps
+
+    def sample_stepwise(
+        self, att_feats, att_masks=None, sample_n: int = 1, max_length: int = 20, temperature: float = 1.0
+    ):
+        """``sample`` with autograd through ``_step`` at every time step."""
         mean_feats, p_att_feats = self.encode(att_feats, att_masks)
         mean_feats, p_att_feats, att_masks = self.expand(sample_n, mean_feats, p_att_feats, att_masks)
         rows = mean_feats.shape[0]
@@ -187,13 +242,7 @@ class AoAModel(nn.Layer):
             seqs.append(it)
             if not bool(unfinished.any()):
                 break
-        seqs = paddle.stack(seqs, axis=1)
-        logps = paddle.stack(logps, axis=1)
-        if seqs.shape[1] < max_length:
-            pad = max_length - seqs.shape[1]
-            seqs = paddle.concat([seqs, paddle.zeros([rows, pad], dtype="int64")], axis=1)
-            logps = paddle.concat([logps, paddle.zeros([rows, pad], dtype=logps.dtype)], axis=1)
-        return seqs, logps
+        return self._pad_samples(paddle.stack(seqs, axis=1), paddle.stack(logps, axis=1), max_length)
 
     @paddle.no_grad()
     def decode(
@@ -234,9 +283,11 @@ class AoAModel(nn.Layer):
             "mask_bias": mask_to_bias(att_masks),
         }
         per_image = ("values", "keys", "mask_bias")
+        fast = not self.training and recurrence.available(mean_feats)
+        inference_step = InferenceStep(self) if fast else self._step
 
         def step(it, ctx):
-            logprobs, (h, c), *weights = self._step(
+            logprobs, (h, c), *weights = inference_step(
                 paddle.to_tensor(it, dtype="int64"),
                 (ctx["h"], ctx["c"]),
                 ctx["mean_feats"],
@@ -299,6 +350,41 @@ class AoAModel(nn.Layer):
             )
         result = self.decode(att_feats, att_masks, beam_size=beam_size, max_length=max_length, **options)
         return paddle.to_tensor(result.seqs), paddle.to_tensor(result.logprobs)
+
+
+class InferenceStep:
+    """``AoAModel._step`` for decoding without gradients (eval mode).
+
+    A decoding step runs each weight matrix on a few rows (10 images greedy, k per image in beam search): it
+    reads ~107 MB of weights per step for ~0.6 GFLOP and is bound by memory, not arithmetic. MKL streams a
+    weight matrix faster as the left operand of ``W @ x^T`` than as the right operand of ``x @ W^T``: 12 against
+    9.6 GB/s from memory on the 2-core EPYC measured (docs/benchmarks.md, "Training speed"). The LSTM's weights
+    are stored [4R, in], so its two input products take that form as they are (``nn.LSTMCell`` computes
+    ``x @ W^T``); the other weights stay as they are too (a transposed copy per decode costs more than it saves).
+    The same arithmetic as ``_step`` up to float rounding (tests/test_recurrence.py); eval mode only (no
+    dropout).
+    """
+
+    def __init__(self, model: AoAModel):
+        if model.training:
+            raise ValueError("InferenceStep needs the model in eval mode (model.eval())")
+        self.model = model
+        lstm = model.core.att_lstm
+        self.b_lstm = lstm.bias_ih + lstm.bias_hh
+
+    def __call__(self, it, state, mean_feats, memory, mask_bias, return_attention: bool = False):
+        model, core = self.model, self.model.core
+        lstm = core.att_lstm
+        state_h, state_c = state
+        xt = F.relu(F.embedding(it, model.embed[0].weight))
+        inputs = paddle.concat([xt, mean_feats + state_h[1]], axis=1)
+        gates = (paddle.matmul(lstm.weight_ih, inputs, transpose_y=True)
+                 + paddle.matmul(lstm.weight_hh, state_h[0], transpose_y=True)).t() + self.b_lstm
+        i, f, g, o = paddle.split(gates, 4, axis=-1)  # Paddle's (and PyTorch's) LSTMCell gate order
+        c_att = F.sigmoid(f) * state_c[0] + F.sigmoid(i) * paddle.tanh(g)
+        h_att = F.sigmoid(o) * paddle.tanh(c_att)
+        out, h, c, *weights = core.after_lstm(h_att, c_att, memory, mask_bias, state_c, return_attention)
+        return (recurrence.log_softmax(model.logit(out)), (h, c), *weights)
 
 
 class FoldedStep(nn.Layer):

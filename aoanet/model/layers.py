@@ -12,20 +12,63 @@ import math
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 # Masked attention scores get a large finite negative: -inf would turn a fully padded row into NaN.
 MASK_FILL = -1e9
+# LayerNorm's variance floor (see LayerNorm.forward)
+VAR_FLOOR = 1e-12
 
 
 def torch_linear(in_features: int, out_features: int) -> nn.Linear:
     bound = 1.0 / math.sqrt(in_features)
     init = nn.initializer.Uniform(-bound, bound)
-    return nn.Linear(
+    return Linear(
         in_features,
         out_features,
         weight_attr=paddle.ParamAttr(initializer=init),
         bias_attr=paddle.ParamAttr(initializer=init),
     )
+
+
+# ---------------------------------------------------------------------------------------- fast gradients
+# Paddle's CPU kernels reduce over leading axes (a broadcast parameter's gradient: a bias, a LayerNorm gain) 10-40x
+# slower than the same sum done as a product with a ones vector, and a Linear's bias gradient is such a reduction.
+# In training (dynamic graph, gradients on, no autocast) these layers take hand-written backward passes that sum
+# with products; the values are the same. Static graphs (export) and inference take the plain operations.
+# docs/benchmarks.md ("Training speed") has the measurements.
+
+
+def fast_backward(training: bool) -> bool:
+    return (training and paddle.in_dynamic_mode() and paddle.is_grad_enabled()
+            and not paddle.amp.is_autocast_enabled())
+
+
+def column_sums(x):
+    """Sum over every axis but the last, as a product: [..., n] -> [n]."""
+    n = x.shape[-1]
+    rows = x.reshape([-1, n])
+    return paddle.matmul(paddle.ones([1, rows.shape[0]], dtype=x.dtype), rows).reshape([n])
+
+
+class _BiasAdd(PyLayer):
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.x_grad = not x.stop_gradient
+        return x + bias
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (dy if ctx.x_grad else None), column_sums(dy)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters) whose bias gradient is summed with a product in training."""
+
+    def forward(self, x):
+        if self.bias is None or not fast_backward(self.training) or self.bias.stop_gradient:
+            return super().forward(x)
+        return _BiasAdd.apply(paddle.matmul(x, self.weight), self.bias)
 
 
 def torch_lstm_cell(input_size: int, hidden_size: int) -> nn.LSTMCell:
@@ -50,6 +93,16 @@ def log_softmax(x: paddle.Tensor) -> paddle.Tensor:
     return x - paddle.logsumexp(x, axis=-1, keepdim=True)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that hands its input back when it drops nothing (eval mode, p = 0): Paddle's kernel copies
+    the tensor even then, ~100 copies per decode of 20 steps."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return super().forward(x)
+
+
 class GLU(nn.Layer):
     """First half of the last axis is the information, the second half the gate: a * sigmoid(b)."""
 
@@ -70,14 +123,50 @@ class LayerNorm(nn.Layer):
         self.eps = eps
 
     def forward(self, x):
-        mean = x.mean(axis=-1, keepdim=True)
-        centered = x - mean
-        n = x.shape[-1]
-        var = (centered * centered).sum(axis=-1, keepdim=True) / (n - 1)
-        # Padded regions are all-zero rows (std 0). The clip gives them a zero gradient instead of 0 * inf = NaN,
-        # as PyTorch's std backward does; it changes no value for rows with variance above 1e-12.
-        std = paddle.sqrt(paddle.clip(var, min=1e-12))
-        return self.a_2 * centered / (std + self.eps) + self.b_2
+        if fast_backward(self.training) and not (self.a_2.stop_gradient or self.b_2.stop_gradient):
+            return _LayerNorm.apply(x, self.a_2, self.b_2, self.eps)
+        return layer_norm_forward(x, self.a_2, self.b_2, self.eps, backward=False)[0]
+
+
+def layer_norm_forward(x, a, b, eps, backward: bool = True):
+    """LayerNorm.forward's values (the same operations in training and eval mode), and what a backward pass needs
+    (when ``backward``): (y, (centered, 1 / (std + eps), std, variance above the floor))."""
+    n = x.shape[-1]
+    centered = x - x.mean(axis=-1, keepdim=True)
+    var = (centered * centered).sum(axis=-1, keepdim=True) / (n - 1)
+    # Padded regions are all-zero rows (std 0). The floor gives them a zero gradient instead of 0 * inf = NaN,
+    # as PyTorch's std backward does; it changes no value for rows with variance above 1e-12.
+    std = paddle.sqrt(paddle.clip(var, min=VAR_FLOOR))
+    y = a * centered / (std + eps) + b
+    if not backward:
+        return y, None
+    return y, (centered, 1.0 / (std + eps), std, (var > VAR_FLOOR).astype(x.dtype))
+
+
+def layer_norm_input_grad(dn, saved):
+    """d x from d (centered / (std + eps)), through the unbiased variance and its floor (as paddle.clip's
+    gradient: none below it)."""
+    centered, inv, std, ok = saved
+    n = centered.shape[-1]
+    dinv = (dn * centered).sum(axis=-1, keepdim=True)
+    dvar = dinv * (-0.5) * inv * inv / std * ok
+    dc = dn * inv + dvar * (2.0 / (n - 1)) * centered
+    return dc - dc.mean(axis=-1, keepdim=True)
+
+
+class _LayerNorm(PyLayer):
+    @staticmethod
+    def forward(ctx, x, a, b, eps):
+        y, saved = layer_norm_forward(x, a, b, eps)
+        ctx.saved, ctx.a, ctx.x_grad = saved, a, not x.stop_gradient
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        centered, inv = ctx.saved[0], ctx.saved[1]
+        normed = centered * inv
+        dx = layer_norm_input_grad(dy * ctx.a, ctx.saved) if ctx.x_grad else None
+        return dx, column_sums(dy * normed), column_sums(dy)
 
 
 def _split_heads(x, num_heads: int):
@@ -126,10 +215,10 @@ class RefinerAttention(nn.Layer):
         self.refine_aoa = refine_aoa
         if refine_aoa:
             self.aoa_layer = nn.Sequential(torch_linear(2 * d_model, 2 * d_model), GLU())
-            self.dropout_aoa = nn.Dropout(dropout_aoa) if dropout_aoa > 0 else nn.Identity()
+            self.dropout_aoa = Dropout(dropout_aoa) if dropout_aoa > 0 else nn.Identity()
         else:
             self.output_layer = torch_linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x, mask_bias):
         q, k, v = (_split_heads(lin(x), self.num_heads) for lin in self.linears)
@@ -146,7 +235,7 @@ class SublayerConnection(nn.Layer):
     def __init__(self, d_model: int, dropout: float = 0.1):
         super().__init__()
         self.norm = LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x, fn):
         return x + self.dropout(fn(self.norm(x)))
@@ -157,7 +246,7 @@ class PositionwiseFeedForward(nn.Layer):
         super().__init__()
         self.w_1 = torch_linear(d_model, d_ff)
         self.w_2 = torch_linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x):
         return self.w_2(self.dropout(F.relu(self.w_1(x))))
@@ -206,7 +295,7 @@ class DecoderAttention(nn.Layer):
         self.num_heads = num_heads
         self.norm = LayerNorm(d_model)
         self.linears = nn.LayerList([torch_linear(d_model, d_model)])
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h, value_heads, key_heads, mask_bias, return_weights: bool = False):
         """h [I*k, R]: decoder rows, image-major, k per image; value_heads/key_heads [I, h, N, d_k] (split once
@@ -250,8 +339,8 @@ class AoADecoderCore(nn.Layer):
         self.att_lstm = torch_lstm_cell(input_encoding_size + rnn_size, rnn_size)
         self.att2ctx = nn.Sequential(torch_linear(2 * rnn_size, 2 * rnn_size), GLU())
         self.attention = DecoderAttention(rnn_size, num_heads, attention_dropout)
-        self.ctx_drop = nn.Dropout(drop_prob_lm) if ctx_drop else nn.Identity()
-        self.out_drop = nn.Dropout(drop_prob_lm)
+        self.ctx_drop = Dropout(drop_prob_lm) if ctx_drop else nn.Identity()
+        self.out_drop = Dropout(drop_prob_lm)
         self.out_res = out_res
 
     def split_memory(self, p_att_feats):

@@ -41,6 +41,7 @@ from aoanet.train.distributed import (
     warn_reshard,
 )
 from aoanet.train.losses import language_model_loss, reward_loss, reward_mask
+from aoanet.train.optim import build_optimizer
 from aoanet.vision.extract import extractor_record
 
 STATE_FORMAT = "aoanet-train-state/1"
@@ -145,13 +146,7 @@ class Trainer:
         self.model = AoAModel(self.data.vocab_size, cfg.model_options())
         # The image extractor the features came from (None for bottom-up or generated features), kept in model.json.
         self.extractor = extractor_record(d.input_att_dir, self.model_width(cfg))
-        clip = (paddle.nn.ClipGradByValue(cfg.train.grad_clip) if cfg.train.grad_clip_mode == "value"
-                else paddle.nn.ClipGradByGlobalNorm(cfg.train.grad_clip))
-        self.optimizer = paddle.optimizer.Adam(
-            learning_rate=cfg.train.learning_rate, beta1=cfg.train.optim_alpha, beta2=cfg.train.optim_beta,
-            epsilon=cfg.train.optim_epsilon, parameters=self.model.parameters(), grad_clip=clip,
-            weight_decay=cfg.train.weight_decay or None,
-        )
+        self.optimizer = build_optimizer(cfg.train, self.model.parameters())
         seed_all(cfg.train.seed + self.dist.rank)  # dropout and sampling differ across ranks
         self.state = {"format": STATE_FORMAT, "stage": stage, "epoch": 0, "iteration": 0, "loader": None,
                       "best_score": None, "history": [], "lr": cfg.train.learning_rate,
