@@ -30,6 +30,7 @@ bench: env
 	$(PY) scripts/bench_infer.py
 	$(PY) scripts/bench_extract.py
 	$(PY) scripts/bench_attention.py
+	$(PY) scripts/bench_serve.py --batch-wait-ms 50
 
 clean:
 	rm -rf artifacts/demo artifacts/tmp

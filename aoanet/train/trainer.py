@@ -528,7 +528,7 @@ class Trainer:
                 axes[1].plot(*zip(*pts), marker="o", label=key)
         axes[1].set_title("validation")
         axes[1].set_xlabel("iteration")
-        if val:
+        if axes[1].get_legend_handles_labels()[0]:  # validation may have produced no metric yet
             axes[1].legend()
         fig.tight_layout()
         tmp = self.dir / ".curves.png.tmp"
