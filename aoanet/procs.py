@@ -12,11 +12,13 @@ then stops the child itself: the child does not die half-way through a reply thi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 PR_SET_PDEATHSIG = 1
 
@@ -73,3 +75,35 @@ def stop(process: subprocess.Popen, timeout: float = 5.0) -> None:
                 stream.close()
             except OSError:
                 pass
+
+
+@contextlib.contextmanager
+def signals_held(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl-C and SIGTERM while the block runs, then act on the first one received as if it came now.
+
+    For code that calls back into Python from inside Paddle (a PyLayer's backward): Paddle wraps any exception
+    raised there, KeyboardInterrupt included, in its own error, and the command would end as failed instead of
+    interrupted. A backward pass takes seconds at most. Only in the main thread, where Python runs signal handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def hold(signum, frame):
+        received.append(signum)
+
+    for s in signals:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])

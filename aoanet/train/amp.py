@@ -25,6 +25,7 @@ import numpy as np
 import paddle
 
 from aoanet.config import ConfigError
+from aoanet.procs import signals_held
 
 MODES = ("none", "bf16", "fp16")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -70,7 +71,8 @@ class Precision:
         return paddle.amp.auto_cast(enable=False)
 
     def backward(self, loss) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        with signals_held():  # the decoder's backward is Python code called from Paddle (aoanet.model.recurrence)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self, optimizer) -> None:
         if self.scaler is None:

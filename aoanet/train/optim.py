@@ -1,10 +1,9 @@
-"""The optimizer of both stages: Adam with the reference's gradient clipping (§3.2, §3.3).
+"""The optimizer of both stages: Adam with the reference's gradient clipping.
 
 Two choices for speed with the same arithmetic (docs/benchmarks.md, "Training speed"): clipping by value runs in
 place on the gradients, as the reference's ``clip_gradient`` does (Paddle's ``ClipGradByValue`` makes a clipped
-copy of every gradient at every step, 85.6 M floats at full size), and Adam updates all parameters with one
-merged kernel (``use_multi_tensor``: 2-3x faster on a 2-core CPU than one kernel per parameter; its state dict
-has the same entries, so checkpoints are unchanged).
+copy of every gradient at every step), and Adam updates all parameters with one merged kernel
+(``use_multi_tensor``; its state dict has the same entries, so checkpoints are unchanged).
 """
 
 from __future__ import annotations
