@@ -49,9 +49,9 @@ GLIBC_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_T
 def configure_allocator(environ=None) -> dict:
     """Keep freed memory in the process instead of handing it back to the OS (glibc only).
 
-    Paddle's CPU tensors come from malloc, and glibc serves every block above 32 MB (the full-size model's
-    log-probabilities, its embedding and output-layer gradients) with a fresh mmap: each such tensor costs ~8,000
-    page faults, several times the arithmetic done on it. With mmap off (``M_MMAP_MAX`` 0) and a high trim
+    Paddle's CPU tensors come from malloc, and glibc serves every large block (the full-size model's
+    log-probabilities, its embedding and output-layer gradients) with a fresh mmap: each such tensor costs thousands
+    of page faults, more than the arithmetic done on it. With mmap off (``M_MMAP_MAX`` 0) and a high trim
     threshold, freed blocks are reused; the peak memory is unchanged (docs/benchmarks.md, "Training speed").
     Left alone when the user set glibc's own malloc variables. Returns what was set ({} when nothing).
     """

@@ -355,10 +355,10 @@ class AoAModel(nn.Layer):
 class InferenceStep:
     """``AoAModel._step`` for decoding without gradients (eval mode).
 
-    A decoding step runs each weight matrix on a few rows (10 images greedy, k per image in beam search): it
-    reads ~107 MB of weights per step for ~0.6 GFLOP and is bound by memory, not arithmetic. MKL streams a
-    weight matrix faster as the left operand of ``W @ x^T`` than as the right operand of ``x @ W^T``: 12 against
-    9.6 GB/s from memory on the 2-core EPYC measured (docs/benchmarks.md, "Training speed"). The LSTM's weights
+    A decoding step runs each weight matrix on a few rows (the images, or k per image in beam search): it reads
+    all the decoder's weights for little arithmetic and is bound by memory. MKL streams a weight matrix faster as
+    the left operand of ``W @ x^T`` than as the right operand of ``x @ W^T`` (docs/benchmarks.md, "Training
+    speed"). The LSTM's weights
     are stored [4R, in], so its two input products take that form as they are (``nn.LSTMCell`` computes
     ``x @ W^T``); the other weights stay as they are too (a transposed copy per decode costs more than it saves).
     The same arithmetic as ``_step`` up to float rounding (tests/test_recurrence.py); eval mode only (no

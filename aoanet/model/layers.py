@@ -32,8 +32,9 @@ def torch_linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 # ---------------------------------------------------------------------------------------- fast gradients
-# Paddle's CPU kernels reduce over leading axes (a broadcast parameter's gradient: a bias, a LayerNorm gain) 10-40x
-# slower than the same sum done as a product with a ones vector, and a Linear's bias gradient is such a reduction.
+# Paddle's CPU kernels reduce over leading axes (a broadcast parameter's gradient: a bias, a LayerNorm gain) many
+# times slower than the same sum done as a product with a ones vector (docs/benchmarks.md, "Training speed"), and a
+# Linear's bias gradient is such a reduction.
 # In training (dynamic graph, gradients on, no autocast) these layers take hand-written backward passes that sum
 # with products; the values are the same. Static graphs (export) and inference take the plain operations.
 # docs/benchmarks.md ("Training speed") has the measurements.

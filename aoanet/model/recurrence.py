@@ -94,13 +94,15 @@ def _mask(shape, p, dtype):
 
 
 def _row_sums(x):
-    # [..., n] -> [..., 1] as a product: Paddle's CPU sum over the last axis is ~8x slower at [850, 9488]
+    # [..., n] -> [..., 1] as a product: Paddle's CPU sum over the last axis is several times slower
+    # (docs/benchmarks.md, "Training speed")
     return paddle.matmul(x, paddle.ones([x.shape[-1], 1], dtype=x.dtype))
 
 
 def log_softmax(x):
-    """x - logsumexp(x) over the last axis, with the sum of exponentials as a product (Paddle's CPU logsumexp:
-    ~100 ms at [850, 9488]); for the dynamic graph (the exported graphs keep aoanet.model.layers.log_softmax)."""
+    """x - logsumexp(x) over the last axis, with the sum of exponentials as a product (Paddle's CPU logsumexp is
+    slow at the vocabulary's width); for the dynamic graph (the exported graphs keep aoanet.model.layers.log_softmax).
+    """
     shifted = x - x.max(axis=-1, keepdim=True)
     return shifted - paddle.log(_row_sums(paddle.exp(shifted)))
 
