@@ -253,7 +253,8 @@ def _run_pipeline(job, pending, count, export_dir, width, precision, decoding, a
     context.enable_operator_progress_bars = False
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    actors = actors or max(1, gpus or min(cpus, len(pending)))
+    # no more actors than shards to caption: an idle actor would hold its CPUs (or GPU) for nothing
+    actors = max(1, min(actors or gpus or cpus, len(pending)))
     threads = max(1, cpus // actors) if not gpus else 1
     # Ray's CPU accounting: the actors reserve most of what is free now, the loading tasks (file reads) a little,
     # so that both stages fit beside whatever else runs on the cluster (a Serve application, other jobs) and

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -35,48 +34,7 @@ from aoanet.cpu import configure_math_library  # noqa: E402
 
 configure_math_library()  # before Paddle is imported
 
-V, F, N_REGIONS = 9487, 2048, 36
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "fma"})
-    except OSError:
-        pass
-    return []
-
-
-def ensure_export(work: Path) -> Path:
-    """A random full-size checkpoint in ``work`` (reused when there) and a fresh fp32 export of it by the current
-    code."""
-    import paddle
-
-    from aoanet.model import build_model
-    from aoanet.train.checkpoint import save_model_dir
-    from aoanet_export import export_checkpoint
-
-    checkpoint, export_dir = work / "checkpoint", work / "export"
-    if not (checkpoint / "checkpoint.json").is_file():
-        paddle.seed(0)
-        model = build_model(V)
-        model.eval()
-        save_model_dir(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
-    print(f"exporting a random full-size model to {export_dir} ...", flush=True)
-    export_checkpoint(checkpoint, export_dir, force=True)
-    return export_dir
+from benchlib import N_REGIONS, F, V, machine, random_decoder_feeds, random_export, rotating_rounds  # noqa: E402
 
 
 def without_attention(decoder_path: Path) -> bytes:
@@ -100,12 +58,7 @@ def interleave(contenders: dict, rounds: int) -> dict:
     """Each round runs every contender once, the order rotating; per round each one's time relative to the first
     contender's (the baseline). -> seconds per contender and round, and the ratios' median and range."""
     names = list(contenders)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - t)
+    times = rotating_rounds(contenders, rounds)
     base = names[0]
     ratios = {name: [t / b for t, b in zip(times[name], times[base], strict=True)] for name in names[1:]}
     return {
@@ -173,7 +126,7 @@ def main() -> int:
     from aoanet_runtime.sessions import session_options
 
     load_before = os.getloadavg()
-    export_dir = ensure_export(args.work)
+    _, export_dir = random_export(args.work)
     full = Captioner.from_dir(export_dir, threads=args.threads)
     before_decoder = ort.InferenceSession(without_attention(export_dir / "decoder.onnx"),
                                           sess_options=session_options(args.threads),
@@ -206,16 +159,7 @@ def main() -> int:
     # one decoder run at a beam step's shape: 50 images x 3 beams, fetching what the search fetches
     r, heads = full.rnn_size, int(full.manifest["sizes"]["num_heads"])
     rows, images = args.batch_size * args.beam_size, args.batch_size
-    feeds = {
-        "it": rng.integers(1, V, rows).astype(np.int64),
-        "state_h": rng.standard_normal((2, rows, r)).astype(np.float32),
-        "state_c": rng.standard_normal((2, rows, r)).astype(np.float32),
-        "mean_feats": rng.standard_normal((rows, r)).astype(np.float32),
-        "att_values": rng.standard_normal((images, heads, N_REGIONS, r // heads)).astype(np.float32),
-        "att_keys": rng.standard_normal((images, heads, N_REGIONS, r // heads)).astype(np.float32),
-        "att_masks": np.ones((images, N_REGIONS), np.float32),
-        "topk": np.array([args.beam_size + 1], np.int64),
-    }
+    feeds = random_decoder_feeds(rng, rows, images, N_REGIONS, r, heads, topk=args.beam_size + 1)
     fetch = list(CANDIDATE_OUTPUTS)
 
     def steps(session, outputs):
@@ -234,7 +178,7 @@ def main() -> int:
     drawing = drawing_cost(5)
 
     report = {
-        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "flags": cpu_flags(), "threads": args.threads,
+        "machine": {**machine(), "threads": args.threads,
                     "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())},
         "model": {"vocab_size": V, "rnn_size": r, "num_heads": heads, "att_feat_size": F, "regions": N_REGIONS,
                   "weights": "random (build_model(9487))"},

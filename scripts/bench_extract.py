@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,30 +29,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+from benchlib import machine  # noqa: E402
+
 from aoanet.cpu import configure_math_library  # noqa: E402
 
 configure_math_library()  # before Paddle is imported
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.partition(":")[2].split())
-                return sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"))
-    except OSError:
-        pass
-    return []
 
 
 def ensure_extractor(work: Path, backbone: str, extra: list[str]) -> Path:
@@ -193,7 +173,7 @@ def main() -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} CPUs); load average before: {load_before}", flush=True)
+    print(f"CPU: {machine()['cpu']} ({os.cpu_count()} CPUs); load average before: {load_before}", flush=True)
     lite0 = ensure_extractor(args.work, "efficientnet_lite0", [])
     r101 = ensure_extractor(args.work, "resnet101", [])
     extractors = {"efficientnet_lite0": Extractor.from_dir(lite0), "resnet101": Extractor.from_dir(r101)}
@@ -225,7 +205,7 @@ def main() -> int:
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     result = {
-        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "flags": cpu_flags(),
+        "machine": {**machine(),
                     "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())},
         "extraction": extraction,
         "end_to_end": {

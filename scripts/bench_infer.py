@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,11 +33,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+from benchlib import N_REGIONS, F, V, cpu_isa, cpu_name, random_decoder_feeds, random_export, rotating_rounds  # noqa: E402
+
 from aoanet.cpu import configure_math_library  # noqa: E402
 
 configure_math_library()  # before Paddle is imported
 
-V, F, N_REGIONS = 9487, 2048, 36
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -98,35 +98,6 @@ class StaticSession:
         return [results[self.names.index(name)] for name in outputs]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_isa() -> dict:
-    """The CPU's vector instruction sets that decide the fp32 and int8 rates (/proc/cpuinfo), and its family/model."""
-    from aoanet_runtime.sessions import INT8_DOT_FLAGS
-
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key in ("cpu family", "model") and key not in info:
-                info[key] = value
-            if key == "flags":
-                flags = set(value.split())
-                info["flags"] = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", *INT8_DOT_FLAGS))
-                break
-    except OSError:
-        pass
-    return info
-
-
 def best_of(fn, repeats: int):
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -140,12 +111,7 @@ def interleave(contenders: dict, rounds: int, images: int) -> dict:
     """Run every contender once per round, the order rotating, and take each round's ratio of images/s to the
     first contender (the baseline): medians and ranges over the rounds."""
     names = list(contenders)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - t)
+    times = rotating_rounds(contenders, rounds)
     base = names[0]
     ratios = {
         name: [b / t for b, t in zip(times[base], times[name], strict=True)] for name in names[1:]
@@ -232,41 +198,12 @@ def decoder_step_cost(session, rows: int, beams: int, r: int, heads: int, repeat
     images = rows // beams
     out = {"rows": rows, "images": images}
     for n in (N_REGIONS, 1):
-        feeds = {
-            "it": rng.integers(1, V, rows).astype(np.int64),
-            "state_h": rng.standard_normal((2, rows, r)).astype(np.float32),
-            "state_c": rng.standard_normal((2, rows, r)).astype(np.float32),
-            "mean_feats": rng.standard_normal((rows, r)).astype(np.float32),
-            "att_values": rng.standard_normal((images, heads, n, r // heads)).astype(np.float32),
-            "att_keys": rng.standard_normal((images, heads, n, r // heads)).astype(np.float32),
-            "att_masks": np.ones((images, n), np.float32),
-        }
+        feeds = random_decoder_feeds(rng, rows, images, n, r, heads, topk=beams + 1)  # as the search asks
         session.run(None, feeds)
         t, _ = best_of(lambda f=feeds: session.run(None, f), 5 * repeats)
         out[f"regions_{n}"] = 1000 * t
     out["p_att_share"] = 1 - out["regions_1"] / out[f"regions_{N_REGIONS}"]
     return out
-
-
-def ensure_export(work: Path) -> Path:
-    """A random full-size checkpoint in ``work`` (reused when there) and a fresh fp32 + int8 export of it (the
-    export is always redone: it is what the current code produces that is measured)."""
-    export_dir = work / "export"
-    import paddle
-
-    from aoanet.model import build_model
-    from aoanet.train.checkpoint import save_model_dir
-    from aoanet_export import export_checkpoint
-
-    checkpoint = work / "checkpoint"
-    if not (checkpoint / "checkpoint.json").is_file():
-        paddle.seed(0)
-        model = build_model(V)
-        model.eval()
-        save_model_dir(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
-    print(f"exporting a random full-size model to {export_dir} (fp32 + int8) ...", flush=True)
-    export_checkpoint(checkpoint, export_dir, force=True, int8=True)
-    return export_dir
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -301,7 +238,7 @@ def main() -> int:
 
     from aoanet_runtime import Captioner
 
-    export_dir = ensure_export(args.work)
+    _, export_dir = random_export(args.work, int8=True)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     o = manifest["model_options"]
     vocab1 = manifest["vocab_size"] + 1

@@ -57,24 +57,6 @@ print(json.dumps({"base_mb": base / 2**20, "peak_mb": max(peak[0], rss()) / 2**2
 """
 
 
-def ensure_export(work: Path) -> tuple[Path, Path]:
-    import paddle
-
-    from aoanet.model import build_model
-    from aoanet.train.checkpoint import save_model_dir
-    from aoanet_export import export_checkpoint
-
-    checkpoint, export_dir = work / "checkpoint", work / "export"
-    if not (checkpoint / "checkpoint.json").is_file():
-        paddle.seed(0)
-        model = build_model(V)
-        model.eval()
-        save_model_dir(checkpoint, model, {str(i): f"w{i}" for i in range(1, V + 1)})
-    if not (export_dir / "manifest.json").is_file():
-        export_checkpoint(checkpoint, export_dir, force=True)
-    return checkpoint, export_dir
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/aoanet-bench-memory"))
@@ -84,7 +66,9 @@ def main() -> int:
     from aoanet.cpu import configure_math_library
 
     configure_math_library()
-    checkpoint, export_dir = ensure_export(args.work)
+    from benchlib import random_export
+
+    checkpoint, export_dir = random_export(args.work, reuse=True, vocab_size=V)
     from aoanet_runtime.features import MemoryModel
 
     model = MemoryModel(att_feat_size=2048, rnn_size=1024, num_heads=8)

@@ -1,7 +1,7 @@
 """Benchmark of aoanet-serve: images/s and latency of the HTTP service at several client concurrencies, side by side
 with the offline Captioner on the same inputs, in one run.
 
-Full-size AoANet with random weights (the export of scripts/bench_infer.py), region features of 36 x 2048 per
+Full-size AoANet with random weights (scripts/benchlib.py), region features of 36 x 2048 per
 request (.npy bodies), beam 3. The service runs on a local Ray instance, one replica with all CPUs, Serve's request
 batching up to ``--max-batch-size`` with ``--batch-wait-ms``; the clients are threads of this process on 127.0.0.1.
 For each concurrency: images/s, latency p50/p95, the mean and largest batch the service reached, and the ratio to
@@ -16,7 +16,6 @@ must equal the offline ones. Writes artifacts/bench/serve.json and prints a tabl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -30,13 +29,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench_infer():
-    spec = importlib.util.spec_from_file_location("bench_infer", ROOT / "scripts" / "bench_infer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -69,13 +61,14 @@ def main() -> int:
     from aoanet.cpu import configure_math_library
 
     configure_math_library()  # the export below runs Paddle
-    bench_infer = _bench_infer()
-    export_dir = bench_infer.ensure_export(args.work)
+    from benchlib import N_REGIONS, F, cpu_isa, cpu_name, random_export
+
+    _, export_dir = random_export(args.work, int8=True)
 
     from aoanet_runtime import Captioner, serve
 
     rng = np.random.default_rng(0)
-    feats = [np.abs(rng.standard_normal((bench_infer.N_REGIONS, bench_infer.F))).astype(np.float32)
+    feats = [np.abs(rng.standard_normal((N_REGIONS, F))).astype(np.float32)
              for _ in range(args.requests)]
     bodies = []
     for f in feats:
@@ -139,8 +132,8 @@ def main() -> int:
     ray.shutdown()
 
     report = {
-        "cpu": bench_infer.cpu_name(),
-        "isa": bench_infer.cpu_isa(),
+        "cpu": cpu_name(),
+        "isa": cpu_isa(),
         "load_average_before_after": [load_before, [round(x, 2) for x in os.getloadavg()]],
         "machine": platform.machine(),
         "cores": os.cpu_count(),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from benchlib import cpu_name
 
 from aoanet.cpu import configure_math_library
 
@@ -56,16 +57,6 @@ def stage(name: str):
         "cpu_seconds": round(_cpu_seconds() - cpu, 1),
         "load_1min": _load(),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(*args, **kwargs):
@@ -349,7 +340,7 @@ def main():
         shutil.rmtree(DEMO / stale, ignore_errors=True)
     report: dict = {
         "dataset": {"images": args.images, "dir": str(DATA.relative_to(ROOT)), "pictures": "rendered scenes"},
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_1min_at_start": _load()},
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "load_1min_at_start": _load()},
     }
 
     with stage("pictures_and_features"):
