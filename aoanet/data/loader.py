@@ -32,6 +32,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections import deque
 from pathlib import Path
 
@@ -101,6 +102,8 @@ class CaptionData(paddle.io.Dataset):
 
 # The dataset of a worker process, set once by the pool initializer (inherited, not pickled, under fork).
 _WORKER_DATA: CaptionData | None = None
+# How long close() lets a worker finish the batch it is reading before killing it.
+WORKER_GRACE_S = 5.0
 
 
 def _init_worker(data: CaptionData, parent_pid: int) -> None:
@@ -244,16 +247,22 @@ class CaptionLoader:
         self.position = 0
 
     def close(self) -> None:
-        """Stop the workers now (a batch being read is abandoned)."""
+        """Stop the workers: each ends after the batch it is reading; one still busy after ``WORKER_GRACE_S`` (a
+        read that hangs) is killed."""
         if self._pool is not None:
             workers = list((getattr(self._pool, "_processes", None) or {}).values())
+            # Not killed at once: a worker killed while it sends a batch back leaves the pool's result thread
+            # waiting for the rest of the message, and the interpreter waits for that thread at exit (a run
+            # stopped by SIGTERM then never ended). Workers ignore Ctrl-C, so they are between or inside reads.
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+            deadline = time.monotonic() + WORKER_GRACE_S
+            for worker in workers:
+                worker.join(timeout=max(0.0, deadline - time.monotonic()))
             for worker in workers:
                 if worker.is_alive():
                     worker.kill()
-            for worker in workers:
-                worker.join(timeout=5)
+                    worker.join(timeout=5)
 
     def __enter__(self):
         return self
