@@ -162,7 +162,9 @@ def _reading(where: str):
         raise FeatureError(f"{where}: cannot read the feature file ({type(e).__name__}: {e})") from None
 
 
-def _header(f) -> tuple[tuple, np.dtype]:
+def read_npy_header(f) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from the header of the ``.npy`` data at ``f``'s position, leaving ``f`` at the data; raises
+    ValueError (or EOFError) when it is not one."""
     version = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _fortran, dtype = read(f)
@@ -190,10 +192,10 @@ def region_count(image: ImageFile, width: int | None = None, max_regions: int | 
                     names = ", ".join(n.removesuffix(".npy") for n in z.namelist()) or "nothing"
                     raise FeatureError(f"{where}: no array '{FEAT_KEY}' in the npz (has: {names})")
                 with z.open(f"{FEAT_KEY}.npy") as f:
-                    shape, dtype = _header(f)
+                    shape, dtype = read_npy_header(f)
         else:
             with open(path, "rb") as f:
-                shape, dtype = _header(f)
+                shape, dtype = read_npy_header(f)
     return check_regions(_check_shape(shape, dtype, where, width), where, max_regions)
 
 
@@ -235,7 +237,7 @@ def check_boxes(image: ImageFile, regions: int) -> Path | None:
     where = _where(path, image.image_id)
     with _reading(where):
         with open(path, "rb") as f:
-            shape, dtype = _header(f)
+            shape, dtype = read_npy_header(f)
     if tuple(shape) != (regions, 4) or not np.issubdtype(dtype, np.floating):
         raise FeatureError(
             f"{where}: boxes of shape {tuple(shape)} ({dtype}); the image has {regions} regions, so ({regions}, 4) "

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from aoanet_runtime.contract import MANIFEST
-from aoanet_runtime.features import DEFAULT_MAX_REGIONS
+from aoanet_runtime.features import DEFAULT_MAX_REGIONS, read_npy_header
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,7 @@ def read_npy(data: bytes, width: int, limits: Limits) -> np.ndarray:
     read without pickle; finite values only."""
     f = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
+        shape, dtype = read_npy_header(f)
     except (ValueError, EOFError) as e:
         raise RequestError(f"not a valid .npy array ({e})") from None
     if dtype.hasobject or not np.issubdtype(dtype, np.floating):

@@ -15,6 +15,7 @@ import numpy as np
 
 from aoanet.data.atomic import atomic_path
 from aoanet.data.errors import DataError
+from aoanet_runtime.features import read_npy_header
 
 ATT_DIR, FC_DIR, BOX_DIR = "cocobu_att", "cocobu_fc", "cocobu_box"
 
@@ -81,13 +82,6 @@ def read_att(path: str | os.PathLike, image_id: int, att_feat_size: int | None =
     return feat
 
 
-def _header(f) -> tuple[tuple, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _fortran, dtype = read(f)
-    return shape, dtype
-
-
 def _check_size(shape, dtype, header_end: int, size: int, what: str) -> None:
     """A file (or npz member) holding fewer bytes than its header's shape needs is truncated."""
     needed = header_end + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -102,7 +96,7 @@ def npz_header(path: str | os.PathLike, key: str = "feat") -> tuple[tuple, np.dt
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(f"{key}.npy")
         with z.open(info) as f:
-            shape, dtype = _header(f)
+            shape, dtype = read_npy_header(f)
             _check_size(shape, dtype, f.tell(), info.file_size, f"array {key!r}")
             return shape, dtype
 
@@ -111,6 +105,6 @@ def npy_header(path: str | os.PathLike) -> tuple[tuple, np.dtype]:
     """Shape and dtype of a .npy from its header; the file's size must hold that shape (a truncated file is an
     error)."""
     with open(path, "rb") as f:
-        shape, dtype = _header(f)
+        shape, dtype = read_npy_header(f)
         _check_size(shape, dtype, f.tell(), os.fstat(f.fileno()).st_size, "the file")
         return shape, dtype
