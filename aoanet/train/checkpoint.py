@@ -153,14 +153,20 @@ def write_model_json(directory: Path, model: AoAModel, ix_to_word: dict, extract
     atomic_write_bytes(Path(directory) / "model.json", model_json_bytes(model, ix_to_word, extractor))
 
 
-def parse_model_json(data: bytes, source: str) -> dict:
+def _versioned_json(data: bytes, source, kind: str, expected: str) -> dict:
+    """``data`` as a JSON object whose "format" is ``expected``, or a CheckpointError naming ``source``."""
     try:
-        meta = json.loads(data)
+        obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{source} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{source}: unknown checkpoint format {found!r} (expected {FORMAT!r})")
+        raise CheckpointError(f"{source} is not valid JSON ({e}): the {kind} is damaged") from None
+    if not isinstance(obj, dict) or obj.get("format") != expected:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{source}: unknown {kind} format {found!r} (expected {expected!r})")
+    return obj
+
+
+def parse_model_json(data: bytes, source: str) -> dict:
+    meta = _versioned_json(data, source, "checkpoint", FORMAT)
     for key in ("vocab_size", "options", "ix_to_word"):
         if key not in meta:
             raise CheckpointError(f"{source}: field {key!r} is missing")
@@ -427,13 +433,7 @@ class Checkpoint:
 
 
 def _parse_manifest(data: bytes, path: Path) -> dict:
-    try:
-        manifest = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint's manifest is damaged") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise CheckpointError(f"{path}: unknown manifest format {found!r} (expected {MANIFEST_FORMAT!r})")
+    manifest = _versioned_json(data, path, "manifest", MANIFEST_FORMAT)
     files = manifest.get("files")
     if not isinstance(files, dict) or "model" not in files or "weights_last" not in files:
         raise CheckpointError(f"{path}: the 'files' list must name at least the model and its weights")
