@@ -18,7 +18,7 @@ import onnx
 import paddle
 import pytest
 from PIL import Image
-from test_images import make_spec, pool_graph
+from test_images import write_pool_extractor
 from test_runtime import F, R, make_checkpoint, random_batch
 
 from aoanet.model import build_model
@@ -29,7 +29,7 @@ from aoanet_export.onnx_convert import prune_unused
 from aoanet_runtime import Captioner, ExportDirError
 from aoanet_runtime import cli as infer_cli
 from aoanet_runtime.attention import attention_record, colormap, draw_attention, grid_shape, weight_map
-from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_SPEC, MANIFEST
+from aoanet_runtime.contract import MANIFEST
 from aoanet_runtime.exportdir import sha256_file
 from aoanet_runtime.extractor import cell_boxes
 
@@ -401,10 +401,7 @@ def picture_export(tmp_path_factory):
     """A model on a small extractor (8x8 average pooling of a 32 x 24 input: a 3 x 4 grid of 6-d cells), exported
     with it, and a few pictures of different sizes."""
     root = tmp_path_factory.mktemp("pictures")
-    extractor = root / "extractor"
-    extractor.mkdir()
-    (extractor / EXTRACTOR).write_bytes(pool_graph())
-    (extractor / EXTRACTOR_SPEC).write_text(json.dumps(make_spec()))
+    extractor = write_pool_extractor(root / "extractor")
     paddle.seed(3)
     model = build_model(30, rnn_size=32, input_encoding_size=32, att_feat_size=6, num_heads=HEADS, refine_layers=1)
     for name, value in model.state_dict().items():

@@ -5,6 +5,7 @@ Real processes, real signals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -79,6 +80,26 @@ def send(process: subprocess.Popen, sig: int) -> None:
         process.send_signal(sig)
 
 
+@contextlib.contextmanager
+def running(cmd: list[str]):
+    """The command in its own session (so that SIGINT reaches only its group), killed if a test leaves it running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def signal_and_wait(process: subprocess.Popen, sig: int) -> float:
+    """Seconds from the signal to the process's end."""
+    start = time.time()
+    send(process, sig)
+    process.wait(timeout=60)
+    return time.time() - start
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_training_leaves_no_loader_worker(sig, data_dir, tmp_path):
     d = tmp_path / "run"
@@ -87,18 +108,10 @@ def test_training_leaves_no_loader_worker(sig, data_dir, tmp_path):
     raw["data"]["num_workers"] = 2
     (tmp_path / "c.yml").write_text(yaml.safe_dump(raw))
     train = [str(Path(sys.executable).with_name("aoanet-train")), "xe", "-c", str(tmp_path / "c.yml"), "--quiet"]
-    proc = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
+    with running(train) as proc:
         workers = wait_for(lambda: len(children(proc.pid)) >= 2 and children(proc.pid), 120, "the loader workers")
         time.sleep(1.0)  # training steps are running
-        start = time.time()
-        send(proc, sig)
-        proc.wait(timeout=60)
-        took = time.time() - start
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        took = signal_and_wait(proc, sig)
     stderr = proc.stderr.read().decode()
     assert took < EXIT_WITHIN, took
     assert gone_within(workers, 5.0), [cmdline(p) for p in workers if alive(p)]
@@ -144,20 +157,11 @@ def test_meteor_stops_with_its_parent(sig, tmp_path):
     if not any((Path(p) / "java").is_file() for p in os.environ.get("PATH", "").split(os.pathsep)):
         pytest.skip("no java")
     script = EVAL_SCRIPT.format(captions=str(COCO_CAPTIONS), copies=20)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
+    with running([sys.executable, "-c", script]) as proc:
         java = wait_for(lambda: java_children(proc.pid, "meteor-1.5.jar"), 180, "the METEOR process")
         time.sleep(1.0)  # scoring
         assert proc.poll() is None, "METEOR finished before the signal: give it more images"
-        start = time.time()
-        send(proc, sig)
-        proc.wait(timeout=60)
-        took = time.time() - start
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        took = signal_and_wait(proc, sig)
     out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
     assert "finished" not in out
     assert took < EXIT_WITHIN, took

@@ -70,13 +70,17 @@ def pool_graph(width: int = WIDTH, input_name: str = "images") -> bytes:
     return model.SerializeToString()
 
 
+def write_pool_extractor(d: Path, width: int = WIDTH) -> Path:
+    """An extractor directory: ``pool_graph(width)`` and its spec."""
+    d.mkdir()
+    (d / EXTRACTOR).write_bytes(pool_graph(width=width))
+    (d / EXTRACTOR_SPEC).write_text(json.dumps(make_spec(feature_width=width)))
+    return d
+
+
 @pytest.fixture
 def extractor_dir(tmp_path) -> Path:
-    d = tmp_path / "extractor"
-    d.mkdir()
-    (d / EXTRACTOR).write_bytes(pool_graph())
-    (d / EXTRACTOR_SPEC).write_text(json.dumps(make_spec()))
-    return d
+    return write_pool_extractor(tmp_path / "extractor")
 
 
 def expected_features(picture: Image.Image, spec: dict) -> np.ndarray:

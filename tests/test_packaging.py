@@ -57,17 +57,11 @@ def runtime_env(tmp_path_factory) -> Path:
 def small_export(tmp_path_factory) -> Path:
     """The test model served with a hand-built image extractor of its feature width (an 8x8 average pool and a
     projection, tests/test_images.py), so that the runtime alone captions picture files too."""
-    from test_images import make_spec, pool_graph
-
-    from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_SPEC
+    from test_images import write_pool_extractor
 
     root = tmp_path_factory.mktemp("packaging-export")
-    extractor = root / "extractor"
-    extractor.mkdir()
-    (extractor / EXTRACTOR).write_bytes(pool_graph(width=F))
-    (extractor / EXTRACTOR_SPEC).write_text(json.dumps(make_spec(feature_width=F)))
     out = root / "export"
-    export_checkpoint(make_checkpoint(root / "ckpt"), out, extractor=extractor)
+    export_checkpoint(make_checkpoint(root / "ckpt"), out, extractor=write_pool_extractor(root / "extractor", F))
     return out
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from test_images import _huge_png, make_spec, picture, pool_graph
+from test_images import _huge_png, picture, write_pool_extractor
 from test_runtime import F, make_checkpoint
 
 from aoanet_export import export_checkpoint
 from aoanet_runtime import cli as infer_cli
 from aoanet_runtime import ray_infer, serve
-from aoanet_runtime.contract import EXTRACTOR, EXTRACTOR_SPEC
 
 N_REQUESTS, CONCURRENCY = 64, 16
 TIMEOUT_S = 3.0  # the service's request timeout (the tests' requests take milliseconds)
@@ -32,12 +31,8 @@ def export_dir(tmp_path_factory) -> Path:
     """The test model with a hand-built image extractor of its feature width (tests/test_images.py), so that it
     captions feature files and pictures."""
     root = tmp_path_factory.mktemp("ray-export")
-    extractor = root / "extractor"
-    extractor.mkdir()
-    (extractor / EXTRACTOR).write_bytes(pool_graph(width=F))
-    (extractor / EXTRACTOR_SPEC).write_text(json.dumps(make_spec(feature_width=F)))
     out = root / "export"
-    export_checkpoint(make_checkpoint(root / "ckpt"), out, extractor=extractor)
+    export_checkpoint(make_checkpoint(root / "ckpt"), out, extractor=write_pool_extractor(root / "extractor", F))
     return out
 
 
