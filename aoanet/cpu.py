@@ -6,6 +6,11 @@ Paddle's bundled MKL picks its code path by CPU vendor: on AMD CPUs it takes a s
 ``MKL_DEBUG_CPU_TYPE=5`` forces the AVX2 one, while on Intel CPUs with AVX-512 the same setting takes the fast
 AVX-512 path away. So it is set on AMD CPUs only, and never over a value the user chose (docs/benchmarks.md,
 "Measurements behind design choices").
+
+Paddle's dynamic graph makes transposes and slices strided views of their input by default, and its CPU kernels
+(matmul above all) run on a strided operand many times slower than on a dense one; the attention's head split is
+such a transpose. ``FLAGS_use_stride_kernel=0`` makes those operations produce dense tensors (the values are the
+same), on every CPU, unless the user chose a value (docs/benchmarks.md, "Strided views").
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import platform
 from pathlib import Path
 
 MKL_CPU_TYPE = "MKL_DEBUG_CPU_TYPE"
+STRIDE_FLAG = "FLAGS_use_stride_kernel"
 
 
 def cpu_vendor(cpuinfo: str | None = None) -> str | None:
@@ -32,12 +38,16 @@ def cpu_vendor(cpuinfo: str | None = None) -> str | None:
 
 
 def configure_math_library(environ=None, cpuinfo: str | None = None) -> dict:
-    """Set ``MKL_DEBUG_CPU_TYPE=5`` on AMD CPUs unless already set; returns what was set ({} when nothing)."""
+    """Set ``MKL_DEBUG_CPU_TYPE=5`` on AMD CPUs and ``FLAGS_use_stride_kernel=0`` everywhere, each unless already
+    set; returns what was set ({} when nothing). Paddle reads both when it is first imported."""
     environ = os.environ if environ is None else environ
-    if MKL_CPU_TYPE in environ or cpu_vendor(cpuinfo) != "AuthenticAMD":
-        return {}
-    environ[MKL_CPU_TYPE] = "5"
-    return {MKL_CPU_TYPE: "5"}
+    chosen = {}
+    if STRIDE_FLAG not in environ:
+        chosen[STRIDE_FLAG] = "0"
+    if MKL_CPU_TYPE not in environ and cpu_vendor(cpuinfo) == "AuthenticAMD":
+        chosen[MKL_CPU_TYPE] = "5"
+    environ.update(chosen)
+    return chosen
 
 
 # glibc's mallopt parameters (malloc.h)
