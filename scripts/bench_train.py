@@ -24,9 +24,11 @@ round, so that a change of the machine's load between rounds does not bias them,
 fastest iteration over all rounds ("best-of": each side's speed when the shared machine was quiet).
 ``--variants`` measures this project in several settings, each against the first: ``default`` (as shipped),
 ``mkl-none`` (``MKL_DEBUG_CPU_TYPE`` set empty: no override, MKL picks its own path), ``mkl-5`` (forced AVX2
-path), ``glibc-malloc`` (without ``aoanet.cpu.configure_allocator``), ``before`` (the step as it was before
-docs/benchmarks.md's "Training speed": autograd through the per-step decoder, plain autograd Linear/LayerNorm,
-Paddle's ClipGradByValue, one Adam kernel per parameter, glibc's malloc defaults). Writes artifacts/bench/train.json.
+path), ``glibc-malloc`` (without ``aoanet.cpu.configure_allocator``), ``strided`` (Paddle's strided views on,
+its default: ``FLAGS_use_stride_kernel=1``), ``before`` (the step as it was before docs/benchmarks.md's
+"Training speed": autograd through the per-step decoder, plain autograd Linear/LayerNorm, Paddle's
+ClipGradByValue, one Adam kernel per parameter, glibc's malloc defaults, strided views).
+Writes artifacts/bench/train.json.
 
     python scripts/bench_train.py [--measures xe,scst,greedy,beam2,beam3] [--rounds 2]
         [--authors "/path/python /path/authors_bench.py {measure}" --authors-cwd /path/AoANet]
@@ -184,7 +186,7 @@ def _timed(fn) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- one measure
-VARIANTS = ("default", "mkl-none", "mkl-5", "glibc-malloc", "before")
+VARIANTS = ("default", "mkl-none", "mkl-5", "glibc-malloc", "strided", "before")
 
 
 def worker(measure: str, threads: int, iters: int, variant: str = "default") -> dict:
@@ -271,14 +273,19 @@ def worker(measure: str, threads: int, iters: int, variant: str = "default") -> 
     else:
         beam = {"greedy": 1, "beam2": 2, "beam3": 3}[measure]
         model.eval()
+        from aoanet.model import aoa
+
         counted = {"rows": 0}
-        inner = model._step
 
-        def counting(it, *a, **k):
-            counted["rows"] += int(it.shape[0])
-            return inner(it, *a, **k)
+        def counting(inner, tokens_at):
+            def step(*a, **k):
+                counted["rows"] += int(a[tokens_at].shape[0])
+                return inner(*a, **k)
+            return step
 
-        model._step = counting
+        # decode runs InferenceStep in eval mode (model._step otherwise): count the rows either takes
+        model._step = counting(model._step, 0)
+        aoa.InferenceStep.__call__ = counting(aoa.InferenceStep.__call__, 1)  # after self
 
         def step():
             t = time.perf_counter()
@@ -322,6 +329,7 @@ def worker(measure: str, threads: int, iters: int, variant: str = "default") -> 
         "fractions_per_iteration": fractions,
         "variant": variant,
         "MKL_DEBUG_CPU_TYPE": os.environ.get("MKL_DEBUG_CPU_TYPE"),
+        "FLAGS_use_stride_kernel": paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"],
         "allocator": allocator,
         "paddle": paddle.__version__,
         **info,
@@ -344,6 +352,9 @@ def ours(measure, args, variant: str) -> dict:
         env["MKL_DEBUG_CPU_TYPE"] = ""  # set, so aoanet.cpu leaves it; empty, so MKL picks its own path
     elif variant == "mkl-5":
         env["MKL_DEBUG_CPU_TYPE"] = "5"
+    env.pop("FLAGS_use_stride_kernel", None)
+    if variant in ("strided", "before"):
+        env["FLAGS_use_stride_kernel"] = "1"
     cmd = [sys.executable, __file__, "--worker", measure, "--variant", variant, "--threads", str(args.threads),
            "--iters", str(args.iters)]
     return run_json(cmd, env=env)
