@@ -156,19 +156,24 @@ def matmul_rates(threads: int, repeats: int = 10) -> dict:
         t, _ = best_of(lambda s=session: s.run(None, {"A": a}), repeats)
         out[f"onnxruntime_spin{spin}_gflops"] = flops / t / 1e9
     out["gflops"] = max(out.values())
-    out["int8_gops"] = int8_matmul_rate(model, a, threads, repeats)
     # onnxruntime's two int8 kernels on this CPU: u8 x u8 (the x64quantprecision option) and u8 x s8 (VNNI/AMX
-    # where present; on AVX2 alone it saturates: docs/int8.md)
-    out["int8_u8u8_gops"] = int8_matmul_rate(model, a, threads, repeats, u8u8=True)
-    out["int8_u8s8_gops"] = int8_matmul_rate(model, a, threads, repeats, u8u8=False)
+    # where present; on AVX2 alone it saturates: docs/int8.md). Which one a session runs shows in its optimized
+    # graph: onnxruntime rewrites the int8 weights to uint8 for the u8 x u8 kernel.
+    out["int8_weights_after_optimization"] = {}
+    for key, u8u8 in (("int8_gops", None), ("int8_u8u8_gops", True), ("int8_u8s8_gops", False)):
+        out[key], weights = int8_matmul_rate(model, a, threads, repeats, u8u8=u8u8)
+        out["int8_weights_after_optimization"][key.removesuffix("_gops")] = weights
     return out
 
 
-def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int, u8u8: bool | None = None) -> float:
+def int8_matmul_rate(
+    fp32_model, a: np.ndarray, threads: int, repeats: int, u8u8: bool | None = None
+) -> tuple[float, str]:
     """GOP/s (2 per multiply-add) of the same product quantized as the --int8 graphs are (quantize_dynamic,
     per-channel int8 weights, activations quantized at run time): the ceiling for the int8 backend. ``u8u8``:
     None runs it as the runtime does on this CPU; True/False forces onnxruntime's u8 x u8 kernel (the
-    x64quantprecision option) or its u8 x s8 one (VNNI/AMX where the CPU has them)."""
+    x64quantprecision option) or its u8 x s8 one (VNNI/AMX where the CPU has them). Also the element type of the
+    weights in onnxruntime's optimized graph ("UINT8": the u8 x u8 kernel runs; "INT8": u8 x s8)."""
     import tempfile
 
     import onnx
@@ -185,10 +190,15 @@ def int8_matmul_rate(fp32_model, a: np.ndarray, threads: int, repeats: int, u8u8
         # entries the runtime picks for a CPU without int8 dot products (u8 x u8) or with them (u8 x s8)
         cpuinfo = None if u8u8 is None else ("flags\t: avx2\n" if u8u8 else "flags\t: avx2 avx512_vnni\n")
         options = session_options(threads, spinning=False, cpuinfo=cpuinfo)
+        options.optimized_model_filepath = str(Path(work) / "optimized.onnx")
         session = ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
+        integer = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        weights = sorted({onnx.TensorProto.DataType.Name(t.data_type)
+                          for t in onnx.load(options.optimized_model_filepath).graph.initializer
+                          if t.data_type in integer and t.dims})  # the weight matrices, not the zero points
     session.run(None, {"A": a})
     t, _ = best_of(lambda: session.run(None, {"A": a}), repeats)
-    return 2.0 * a.shape[0] * a.shape[1] * 4096 / t / 1e9
+    return 2.0 * a.shape[0] * a.shape[1] * 4096 / t / 1e9, "+".join(weights)
 
 
 def decoder_step_cost(session, rows: int, beams: int, r: int, heads: int, repeats: int) -> dict:

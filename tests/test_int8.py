@@ -9,6 +9,7 @@ each set from measurements on this model (the constants; docs/int8.md, "The test
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -285,6 +286,23 @@ def test_runtime_int8_products_are_exact_where_u8_s8_would_saturate():
         assert options.get_session_config_entry(INT8_PRECISION_OPTION[0]) == INT8_PRECISION_OPTION[1]
     got = _session(_int8_matmul_graph(w), options).run(["y"], {"x": x})[0]
     np.testing.assert_allclose(got, exact, rtol=1e-6)  # float32 rounding of values up to ~1e6
+
+
+@pytest.mark.parametrize("flags, weights", [("avx2 fma", "UINT8"), ("avx2 avx512_vnni", "INT8")])
+def test_int8_session_entries_decide_which_kernel_runs(flags, weights, tmp_path):
+    """onnxruntime shows the kernel it chose in its optimized graph: for the u8 x u8 kernel it rewrites the int8
+    weights to uint8. With the entries the runtime picks for a CPU without an int8 dot product it must do so on
+    x86-64 (where u8 x s8 saturates); with those for a VNNI CPU the weights stay int8 on every CPU, so that MLAS
+    runs its u8 x s8 kernel, the VNNI or AMX one where the CPU has it."""
+    w = np.random.default_rng(1).integers(-100, 128, (64, 16))
+    options = session_options(threads=1, cpuinfo=f"processor\t: 0\nflags\t\t: {flags}\n")
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    _session(_int8_matmul_graph(w), options)
+    integer = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    types = {onnx.TensorProto.DataType.Name(t.data_type)
+             for t in onnx.load(options.optimized_model_filepath).graph.initializer if t.data_type in integer}
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert types == ({weights} if weights == "INT8" or x86 else {"INT8"})
 
 
 @pytest.mark.parametrize(
