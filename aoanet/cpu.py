@@ -1,6 +1,6 @@
-"""Which math-library and allocator settings suit this CPU. Nothing here runs at import: the command-line entry
-points, the scripts and the test suite call ``configure_math_library()`` before Paddle is first imported, and the
-training and evaluation commands ``configure_allocator()``.
+"""Which math-library, Paddle and allocator settings suit this CPU. Nothing here runs at import: the command-line
+entry points, the scripts and the test suite call ``configure_math_library()`` before Paddle is first imported,
+and the training and evaluation commands ``configure_allocator()``.
 
 Paddle's bundled MKL picks its code path by CPU vendor: on AMD CPUs it takes a slow generic path unless
 ``MKL_DEBUG_CPU_TYPE=5`` forces the AVX2 one, while on Intel CPUs with AVX-512 the same setting takes the fast
@@ -10,7 +10,7 @@ AVX-512 path away. So it is set on AMD CPUs only, and never over a value the use
 Paddle's dynamic graph makes transposes and slices strided views of their input by default, and its CPU kernels
 (matmul above all) run on a strided operand many times slower than on a dense one; the attention's head split is
 such a transpose. ``FLAGS_use_stride_kernel=0`` makes those operations produce dense tensors (the values are the
-same), on every CPU, unless the user chose a value (docs/benchmarks.md, "Strided views").
+same), on every CPU, unless the user chose a value (docs/benchmarks.md, "Training speed", item 7).
 """
 
 from __future__ import annotations
