@@ -356,11 +356,11 @@ class InferenceStep:
     """``AoAModel._step`` for decoding without gradients (eval mode).
 
     A decoding step runs each weight matrix on a few rows (the images, or k per image in beam search): it reads
-    all the decoder's weights for little arithmetic and is bound by memory. MKL streams a weight matrix faster as
-    the left operand of ``W @ x^T`` than as the right operand of ``x @ W^T`` (docs/benchmarks.md, "Training
-    speed"). The LSTM's weights
-    are stored [4R, in], so its two input products take that form as they are (``nn.LSTMCell`` computes
-    ``x @ W^T``); the other weights stay as they are too (a transposed copy per decode costs more than it saves).
+    all the decoder's weights for little arithmetic, where MKL runs far below its rate. It streams a weight matrix
+    faster as the left operand of ``W @ x^T`` than as the right operand of ``x @ W^T`` (docs/benchmarks.md,
+    "Measurements behind design choices"). The LSTM's weights are stored [4R, in], so its two input products take
+    that form as they are (``nn.LSTMCell`` computes ``x @ W^T``); the other weights stay as they are too (a
+    transposed copy per decode costs about what it saves).
     The same arithmetic as ``_step`` up to float rounding (tests/test_recurrence.py); eval mode only (no
     dropout).
     """
